@@ -1,0 +1,137 @@
+"""SigLIP vision tower in Flax Linen, matching transformers' `SiglipVisionModel` without the MAP head.
+
+`[N, H, W, 3]` pixels in [-1, 1] (NHWC) -> patch embedding (a Conv with kernel = stride =
+patch) + learned position embedding -> pre-LN encoder layers -> `post_layernorm`.
+Parameter names follow transformers' module names (`embeddings/patch_embedding`,
+`encoder/layers_3/self_attn/q_proj`, ...) so `convert/siglip.py` reads one-to-one.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from tinyvlm_jax.models.config import SiglipConfig
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+}
+
+
+def activation(name: str):
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"SiglipConfig.hidden_act={name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+  return _ACTIVATIONS[name]
+
+
+def _dense(features: int, dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+
+def _layer_norm(cfg: SiglipConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, name=name)
+
+
+class SiglipEmbeddings(nn.Module):
+  """Patchify conv plus one learned position vector per patch (row-major patch order)."""
+  config: SiglipConfig
+
+  @nn.compact
+  def __call__(self, pixel_values):  # [N, H, W, C] -> [N, P, D]
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    p = cfg.patch_size
+    x = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+                kernel_init=nn.initializers.lecun_normal(), name="patch_embedding")(pixel_values.astype(dtype))
+    n, gh, gw, d = x.shape
+    if gh * gw != cfg.num_patches:
+      raise ValueError(f"SigLIP: a {pixel_values.shape[1]}x{pixel_values.shape[2]} image gives {gh}x{gw} patches, "
+                       f"but the position embedding has {cfg.num_patches} (image_size={cfg.image_size}, "
+                       f"patch_size={cfg.patch_size}); resize the images to {cfg.image_size}x{cfg.image_size}")
+    x = x.reshape(n, gh * gw, d)  # [N, g, g, D] -> [N, P, D]
+    pos = nn.Embed(cfg.num_patches, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+                   embedding_init=nn.initializers.normal(cfg.hidden_size ** -0.5), name="position_embedding")
+    return x + pos.embedding.astype(dtype)[None]
+
+
+class SiglipAttention(nn.Module):
+  """Multi-head self-attention; q/k/v/out are plain Dense layers of width hidden_size."""
+  config: SiglipConfig
+
+  @nn.compact
+  def __call__(self, x):  # [N, P, D] -> [N, P, D]
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    heads = cfg.num_attention_heads
+    if cfg.hidden_size % heads:
+      raise ValueError(f"SiglipConfig: hidden_size={cfg.hidden_size} is not divisible by "
+                       f"num_attention_heads={heads}")
+    n, p, d = x.shape
+    split = lambda t: t.reshape(n, p, heads, d // heads)  # [N, P, D] -> [N, P, heads, head_dim]
+    q = split(_dense(d, dtype, "q_proj")(x))
+    k = split(_dense(d, dtype, "k_proj")(x))
+    v = split(_dense(d, dtype, "v_proj")(x))
+    out = jax.nn.dot_product_attention(q, k, v)  # softmax in fp32, scale 1/sqrt(head_dim)
+    return _dense(d, dtype, "out_proj")(out.reshape(n, p, d))
+
+
+class SiglipMLP(nn.Module):
+  config: SiglipConfig
+
+  @nn.compact
+  def __call__(self, x):  # [N, P, D] -> [N, P, D]
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    x = _dense(cfg.intermediate_size, dtype, "fc1")(x)  # [N, P, D] -> [N, P, F]
+    x = activation(cfg.hidden_act)(x)
+    return _dense(cfg.hidden_size, dtype, "fc2")(x)  # [N, P, F] -> [N, P, D]
+
+
+class SiglipEncoderLayer(nn.Module):
+  """Pre-LN transformer block: x + attn(LN1(x)), then x + mlp(LN2(x))."""
+  config: SiglipConfig
+
+  @nn.compact
+  def __call__(self, x):  # [N, P, D] -> [N, P, D]
+    cfg = self.config
+    x = x + SiglipAttention(cfg, name="self_attn")(_layer_norm(cfg, "layer_norm1")(x))
+    x = x + SiglipMLP(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(x))
+    return checkpoint_name(x, "siglip_layer_output")
+
+
+class SiglipEncoder(nn.Module):
+  config: SiglipConfig
+
+  @nn.compact
+  def __call__(self, x):  # [N, P, D] -> ([N, P, D], (L + 1) x [N, P, D])
+    hidden_states = [x]
+    for i in range(self.config.num_hidden_layers):
+      x = SiglipEncoderLayer(self.config, name=f"layers_{i}")(x)
+      hidden_states.append(x)
+    return x, tuple(hidden_states)
+
+
+class SiglipVisionTower(nn.Module):
+  """transformers' `SiglipVisionModel` (vision_use_head=False) on NHWC pixels.
+
+  Returns `(last_hidden_state, hidden_states)`: the last layer after `post_layernorm`
+  `[N, P, D]`, and the embeddings output followed by every encoder layer's output (before
+  `post_layernorm`), as transformers' `output_hidden_states=True` gives them.
+  """
+  config: SiglipConfig
+
+  @nn.compact
+  def __call__(self, pixel_values):  # [N, H, W, 3] -> [N, P, D]
+    cfg = self.config
+    if pixel_values.ndim != 4 or pixel_values.shape[-1] != cfg.num_channels:
+      raise ValueError(f"SigLIP expects NHWC pixels [N, H, W, {cfg.num_channels}], got shape {pixel_values.shape}")
+    x = SiglipEmbeddings(cfg, name="embeddings")(pixel_values)
+    x, hidden_states = SiglipEncoder(cfg, name="encoder")(x)
+    return _layer_norm(cfg, "post_layernorm")(x), hidden_states
