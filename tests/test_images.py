@@ -181,6 +181,7 @@ def test_errors_name_the_source_and_reason(tmp_path, monkeypatch):
   assert reason(b"definitely not an image")[0] == "corrupt_image"
   assert reason(b"")[0] == "corrupt_image"
   png = open(os.path.join(SKIMAGE_DATA, "coffee.png"), "rb").read()
+  assert reason(Image.open(io.BytesIO(png[:len(png) // 2])))[0] == "corrupt_image"  # lazily opened, truncated
   bad = tmp_path / "truncated.png"
   bad.write_bytes(png[:len(png) // 2])
   r, msg = reason(str(bad))

@@ -131,6 +131,11 @@ def load_image(source: ImageSource, *, max_pixels: int, name: str | None = None)
       raise ImageError("zero_size_image", f"image {what}: empty array of shape {source.shape}")
     source = Image.fromarray(source)
   if isinstance(source, Image.Image):
+    _check_size(source.size, max_pixels, what)
+    try:
+      source.load()  # a lazily opened image decodes here
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as e:
+      raise ImageError("corrupt_image", f"image {what} cannot be decoded: {e}") from e
     return _checked(source, max_pixels, what)
 
   if isinstance(source, (str, os.PathLike)):
