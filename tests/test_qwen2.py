@@ -1,0 +1,240 @@
+"""Qwen2 decoder: logits parity with transformers, KV cache, weight mapping both ways."""
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tinyvlm_jax.convert import qwen2 as convert
+from tinyvlm_jax.convert.mapping import CheckpointMismatchError, TRANSFORMS, flatten, load_state_dict
+from tinyvlm_jax.models.qwen2 import Qwen2ForCausalLM, init_cache
+from tinyvlm_jax.presets import model_config
+
+TOL = 1e-5
+
+
+def _hf_model(cfg, seed=0):
+  """A random fp32 transformers Qwen2ForCausalLM with eager attention.
+
+  HF initialises norms to 1 and biases to 0 with std 0.02 elsewhere; every parameter is
+  redrawn here so that each one, biases and norm scales included, moves the logits.
+  """
+  torch.manual_seed(seed)
+  hf = transformers.AutoModelForCausalLM.from_config(
+      convert.to_hf_config(cfg), attn_implementation="eager", dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.15 * torch.randn_like(p))
+  return hf
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg):
+  """One jitted forward per config; the tests share the batch shape [4, 15], so one compile."""
+  model = Qwen2ForCausalLM(cfg)
+
+  @jax.jit
+  def forward(params, ids, positions, mask):
+    return model.apply({"params": params}, ids, positions=positions, attention_mask=mask)[0]
+  return forward
+
+
+def _hf_logits(hf, ids, mask, positions=None):
+  with torch.no_grad():
+    out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+             position_ids=None if positions is None else torch.tensor(positions, dtype=torch.long))
+  return out.logits.numpy()
+
+
+def _ids(cfg, shape, seed=0):
+  return np.random.RandomState(seed).randint(0, cfg.vocab_size, shape).astype(np.int32)
+
+
+def _right_padded(lengths, length):
+  mask = (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+  return mask, np.broadcast_to(np.arange(length, dtype=np.int32), mask.shape).copy()
+
+
+def _left_padded(lengths, length):
+  mask = (np.arange(length)[None] >= length - np.asarray(lengths)[:, None]).astype(np.int32)
+  return mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def tied():
+  cfg = model_config("tiny").llm
+  assert cfg.tie_word_embeddings
+  hf = _hf_model(cfg)
+  return cfg, hf, convert.params_from_hf(hf, cfg)
+
+
+@pytest.fixture(scope="module")
+def untied():
+  cfg = dataclasses.replace(model_config("tiny").llm, tie_word_embeddings=False)
+  hf = _hf_model(cfg, seed=1)
+  return cfg, hf, convert.params_from_hf(hf, cfg)
+
+
+def test_right_padding_matches_transformers(tied):
+  cfg, hf, params = tied
+  mask, positions = _right_padded([15, 9, 4, 1], 15)
+  ids = _ids(cfg, mask.shape)
+  ref = _hf_logits(hf, ids, mask)
+  ours = np.asarray(_forward(cfg)(params, ids, positions, mask))
+  real = mask.astype(bool)
+  assert np.abs(ref[real]).max() > 1.0  # logits are not trivially small
+  assert np.abs(ours - ref)[real].max() <= TOL
+
+  # inputs_embeds from `embed` (the VLM's splice point) gives the same logits.
+  model = Qwen2ForCausalLM(cfg)
+  embeds = model.apply({"params": params}, ids, method="embed")
+  assert embeds.shape == (*ids.shape, cfg.hidden_size)
+  via_embeds, _ = jax.jit(lambda p, e: model.apply({"params": p}, inputs_embeds=e, positions=positions,
+                                                   attention_mask=mask))(params, embeds)
+  assert np.abs(np.asarray(via_embeds) - ours).max() <= 1e-6
+
+
+def test_left_padding_matches_transformers(tied):
+  cfg, hf, params = tied
+  mask, positions = _left_padded([15, 4, 8, 0], 15)  # the last row is all padding
+  ids = _ids(cfg, mask.shape, seed=1)
+  ref = _hf_logits(hf, ids, mask, positions)
+  ours = np.asarray(_forward(cfg)(params, ids, positions, mask))
+  real = mask.astype(bool)
+  assert np.abs(ours - ref)[real].max() <= TOL
+  assert np.isfinite(ours).all()  # the fully padded row gives no NaN
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward(tied):
+  cfg, _, params = tied
+  prompt, steps, slots = 7, 8, 16
+  total = prompt + steps
+  mask, positions = _left_padded([7, 3, 5, 1], prompt)
+  mask = np.concatenate([mask, np.ones((4, steps), np.int32)], axis=1)                  # [B, 15]
+  positions = np.concatenate([positions, positions[:, -1:] + 1 + np.arange(steps, dtype=np.int32)], axis=1)
+  ids = _ids(cfg, (4, total), seed=2)
+  full = np.asarray(_forward(cfg)(params, ids, positions, mask))
+  real = mask.astype(bool)
+
+  model = Qwen2ForCausalLM(cfg)
+  slot_mask = np.concatenate([mask, np.zeros((4, slots - total), np.int32)], axis=1)    # [B, S]
+
+  @jax.jit
+  def step(params, ids, positions, cache, index):
+    return model.apply({"params": params}, ids, positions=positions, attention_mask=slot_mask,
+                       cache=cache, cache_index=index)
+
+  logits, cache = step(params, ids[:, :prompt], positions[:, :prompt], init_cache(cfg, 4, slots), jnp.int32(0))
+  assert len(cache) == cfg.num_hidden_layers
+  assert cache[0]["k"].shape == (4, slots, cfg.num_key_value_heads, cfg.head_dim)
+  errors = [np.abs(np.asarray(logits) - full[:, :prompt])[real[:, :prompt]].max()]
+  for t in range(prompt, total):
+    logits, cache = step(params, ids[:, t:t + 1], positions[:, t:t + 1], cache, jnp.int32(t))
+    errors.append(np.abs(np.asarray(logits)[:, 0] - full[:, t]).max())
+  assert max(errors) <= TOL, errors
+  assert step._cache_size() == 2  # one program for the prefill, one for every decode step
+  assert not np.asarray(cache[0]["k"][:, total:]).any()  # slots past the last token stay empty
+
+
+def test_untied_head_matches_transformers(untied):
+  cfg, hf, params = untied
+  assert params["lm_head"]["kernel"].shape == (cfg.hidden_size, cfg.vocab_size)
+  mask, positions = _left_padded([15, 9, 2, 12], 15)
+  ids = _ids(cfg, mask.shape, seed=3)
+  ref = _hf_logits(hf, ids, mask, positions)
+  ours = np.asarray(_forward(cfg)(params, ids, positions, mask))
+  assert np.abs(ours - ref)[mask.astype(bool)].max() <= TOL
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_round_trip_is_bit_exact_and_matches_save_pretrained(variant, request, tmp_path):
+  cfg, hf, params = request.getfixturevalue(variant)
+  exported = convert.hf_state_from_params({"params": params}, cfg)
+  hf.save_pretrained(tmp_path)
+  saved = load_state_dict(tmp_path)
+  # Same keys as transformers' own checkpoint (no lm_head.weight when tied), same bits.
+  assert sorted(exported) == sorted(saved)
+  assert ("lm_head.weight" in exported) == (not cfg.tie_word_embeddings)
+  state = hf.state_dict()
+  for key, value in exported.items():
+    assert value.dtype == np.float32 and value.shape == tuple(state[key].shape), key
+    assert np.array_equal(value, state[key].numpy()), key
+    assert np.array_equal(value, saved[key]), key
+  # Reading the saved folder gives the same Flax params, bit for bit.
+  again = convert.params_from_hf(tmp_path, cfg)
+  for (path, a), (path_b, b) in zip(sorted(flatten(params).items()), sorted(flatten(again).items())):
+    assert path == path_b and np.array_equal(a, b), path
+  assert convert.config_from_hf(hf.config) == cfg
+
+
+def test_full_size_structure_matches_transformers_without_weights():
+  cfg = model_config("tinyvlm_0p6b").llm
+  shapes = flatten(convert.param_shapes(cfg))
+  with torch.device("meta"):
+    hf = transformers.Qwen2ForCausalLM(convert.to_hf_config(cfg))
+  hf_params = dict(hf.named_parameters())  # the tied lm_head is listed once, as the embedding
+  table = convert.param_table(cfg)
+  assert sorted(rule.hf for rule in table) == sorted(hf_params)
+  assert sorted(rule.flax for rule in table) == sorted(shapes)
+  for rule in table:
+    hf_shape = tuple(hf_params[rule.hf].shape)
+    as_flax = TRANSFORMS[rule.transform][0](np.empty(hf_shape, np.int8)).shape
+    assert as_flax == tuple(shapes[rule.flax].shape), (rule.hf, hf_shape, shapes[rule.flax].shape)
+  n_flax = sum(int(np.prod(s.shape)) for s in shapes.values())
+  n_torch = sum(p.numel() for p in hf.parameters())
+  assert n_flax == n_torch
+  assert abs(n_flax / 1e6 - 494.0) < 0.05, n_flax
+  assert convert.config_from_hf(convert.to_hf_config(cfg)) == cfg
+
+
+def test_checkpoint_mismatches_name_the_key(tied):
+  cfg, hf, _ = tied
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  key = "model.layers.1.self_attn.k_proj.weight"
+  want = state[key].shape
+  bad = dict(state, **{key: state[key][:-1]})
+  with pytest.raises(CheckpointMismatchError) as err:
+    convert.params_from_hf(bad, cfg)
+  assert key in str(err.value) and str(bad[key].shape) in str(err.value) and str(want) in str(err.value)
+
+  missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+  with pytest.raises(CheckpointMismatchError, match="model.norm.weight"):
+    convert.params_from_hf(missing, cfg)
+
+  # A tied model's lm_head.weight is accepted only when it is the embedding.
+  other_head = dict(state, **{"lm_head.weight": state["lm_head.weight"] + 1})
+  with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
+    convert.params_from_hf(other_head, cfg)
+
+
+def test_remat_keeps_logits_and_gradients(tied):
+  cfg, _, params = tied
+  # One decoder layer keeps the three gradient compilations short.
+  cfg = dataclasses.replace(cfg, num_hidden_layers=1)
+  params = {k: v for k, v in params.items() if k != "layers_1"}
+  mask, positions = _left_padded([6, 3], 6)
+  ids = _ids(cfg, mask.shape, seed=4)
+  weights = jnp.asarray(np.random.RandomState(5).randn(*mask.shape, cfg.vocab_size), jnp.float32)
+
+  def loss_and_grad(remat):
+    model = Qwen2ForCausalLM(dataclasses.replace(cfg, remat=remat))
+    loss = lambda p: jnp.sum(model.apply({"params": p}, ids, positions=positions, attention_mask=mask)[0] * weights)
+    grad_fn = jax.value_and_grad(loss)
+    # nn.remat shows up as a remat (jax.checkpoint) primitive in the gradient's program.
+    program = str(jax.make_jaxpr(grad_fn)(params))
+    assert bool(re.search(r"\b(remat2?|checkpoint)\[", program)) == (remat != "none"), remat
+    return jax.jit(grad_fn)(params)
+
+  base, base_grad = loss_and_grad("none")
+  for remat in ("full", "dots"):
+    value, grad = loss_and_grad(remat)
+    assert abs(float(value) - float(base)) <= 1e-5 * abs(float(base)), remat
+    diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max()),
+                         base_grad, grad)
+    assert max(jax.tree.leaves(diffs)) <= 1e-5, (remat, diffs)

@@ -1,0 +1,211 @@
+"""Qwen2 (Qwen2.5) decoder in Flax Linen, with a fixed-length KV cache.
+
+Numerically matches transformers' `Qwen2ForCausalLM` (eager attention): GQA with q/k/v
+bias, RoPE in HF's rotate_half layout, SwiGLU MLP, RMSNorm in float32, tied or separate
+LM head. Parameter names follow transformers' modules so `convert/qwen2.py` is a table
+of transposes.
+
+One attention rule serves every case: with a cache of S slots and a scalar
+`cache_index`, the chunk's keys/values are written at slots [cache_index, cache_index+L)
+and the query at slot cache_index+t attends to slots s <= cache_index+t whose
+`attention_mask[b, s]` is 1. Prefill (L tokens) and one-token decode steps are then the
+same program, and per-row `positions` give left padding.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tinyvlm_jax.models.config import QwenConfig
+
+# Logit for masked (batch, query, key) entries: finite, so a fully padded row gives a
+# uniform softmax instead of NaN.
+_MASKED = -1e30
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> list[dict]:
+  """An empty KV cache: per layer {"k", "v"} of shape [B, S, num_key_value_heads, head_dim]."""
+  shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(config.num_hidden_layers)]
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF layout (rotate_half over the two halves of head_dim).
+
+  x: [B, L, N, head_dim]; positions: [B, L] int.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq          # [B, L, head_dim/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]        # [B, L, 1, head_dim]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+def _dense(features: int, dtype, *, use_bias: bool, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def _rms_norm(config: QwenConfig, name: str) -> nn.RMSNorm:
+  # Flax computes the statistics and the scaling in float32 (like HF) and casts the result.
+  return nn.RMSNorm(epsilon=config.rms_norm_eps, dtype=jnp.dtype(config.dtype),
+                    param_dtype=jnp.float32, name=name)
+
+
+class Qwen2Attention(nn.Module):
+  """Grouped-query self-attention with RoPE and an optional KV cache."""
+  config: QwenConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    """x: [B, L, D]; mask: [B, L, K] bool over keys (K = L, or S cache slots)."""
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    batch, length, _ = x.shape
+    heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    groups = heads // kv_heads
+
+    q = _dense(heads * head_dim, dtype, use_bias=True, name="q_proj")(x)
+    k = _dense(kv_heads * head_dim, dtype, use_bias=True, name="k_proj")(x)
+    v = _dense(kv_heads * head_dim, dtype, use_bias=True, name="v_proj")(x)
+    q = apply_rope(q.reshape(batch, length, heads, head_dim), positions, c.rope_theta)
+    k = apply_rope(k.reshape(batch, length, kv_heads, head_dim), positions, c.rope_theta)
+    v = v.reshape(batch, length, kv_heads, head_dim)
+
+    new_cache = None
+    if cache is not None:
+      # [B, L, KV, hd] written into [B, S, KV, hd] at slot cache_index (same slot for every row).
+      start = (0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+      v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(dtype), v_all.astype(dtype)
+
+    # GQA: query head h uses KV head h // groups (HF's repeat_kv), done by grouping the
+    # query heads instead of copying K/V: [B, L, H, hd] -> [B, L, KV, G, hd].
+    q = q.reshape(batch, length, kv_heads, groups, head_dim)
+    logits = jnp.einsum("blkgd,bskd->bkgls", q, k) * (head_dim ** -0.5)    # [B, KV, G, L, K]
+    logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)                       # [B, L, KV, G, hd]
+    out = out.reshape(batch, length, heads * head_dim)
+    return _dense(c.hidden_size, dtype, use_bias=False, name="o_proj")(out), new_cache
+
+
+class Qwen2MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  config: QwenConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    if c.hidden_act != "silu":
+      raise ValueError(f"QwenConfig.hidden_act={c.hidden_act!r}: only 'silu' is implemented")
+    gate = _dense(c.intermediate_size, dtype, use_bias=False, name="gate_proj")(x)
+    up = _dense(c.intermediate_size, dtype, use_bias=False, name="up_proj")(x)
+    return _dense(c.hidden_size, dtype, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+
+
+class Qwen2DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: QwenConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    h, new_cache = Qwen2Attention(self.config, name="self_attn")(
+        _rms_norm(self.config, "input_layernorm")(x), positions, mask, cache, cache_index)
+    x = x + h
+    x = x + Qwen2MLP(self.config, name="mlp")(_rms_norm(self.config, "post_attention_layernorm")(x))
+    return x, new_cache
+
+
+def _layer_class(remat: str):
+  if remat == "none":
+    return Qwen2DecoderLayer
+  if remat not in _REMAT_POLICIES:
+    raise ValueError(f"QwenConfig.remat={remat!r}; expected one of ['none', {', '.join(map(repr, _REMAT_POLICIES))}]")
+  return nn.remat(Qwen2DecoderLayer, policy=_REMAT_POLICIES[remat])
+
+
+def attention_mask_for(attention_mask, length: int, cache_index=None):
+  """Boolean [B, L, K] mask: key s is visible to query t if it is causal and real.
+
+  Without a cache K = L and causality is s <= t. With a cache K = S slots (the width of
+  `attention_mask`) and the query t sits at slot cache_index + t.
+  """
+  keys = attention_mask.shape[1]
+  offset = 0 if cache_index is None else cache_index
+  query_slot = offset + jnp.arange(length)[:, None]                     # [L, 1]
+  causal = jnp.arange(keys)[None, :] <= query_slot                      # [L, K]
+  return causal[None] & attention_mask.astype(bool)[:, None, :]         # [B, L, K]
+
+
+class Qwen2ForCausalLM(nn.Module):
+  """Qwen2 decoder with LM head: (logits [B, L, V] float32, new cache or None)."""
+  config: QwenConfig
+
+  def setup(self):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+                                 embedding_init=nn.initializers.normal(0.02))
+    layer = _layer_class(c.remat)
+    self.layers = [layer(c) for _ in range(c.num_hidden_layers)]   # named layers_0 ... layers_{n-1}
+    self.norm = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=dtype, param_dtype=jnp.float32)
+    if not c.tie_word_embeddings:
+      self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                              kernel_init=nn.initializers.normal(0.02))
+
+  def embed(self, input_ids):
+    """Token embeddings: [B, L] int -> [B, L, D]."""
+    return self.embed_tokens(input_ids)
+
+  def __call__(self, input_ids=None, *, inputs_embeds=None, positions, attention_mask,
+               cache=None, cache_index=None):
+    """Runs the decoder on a chunk of L tokens.
+
+    input_ids [B, L] or inputs_embeds [B, L, D] (exactly one); positions [B, L] int32
+    (RoPE position ids). Without cache: attention_mask [B, L], 1 = real token. With a
+    cache from `init_cache` (S slots) and a scalar int32 cache_index: attention_mask
+    [B, S] over cache slots, and the chunk is written at slots [cache_index, cache_index+L).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("Qwen2ForCausalLM: pass exactly one of input_ids and inputs_embeds")
+    if (cache is None) != (cache_index is None):
+      raise ValueError("Qwen2ForCausalLM: cache and cache_index go together")
+    c = self.config
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(c.dtype))
+    length = x.shape[1]
+    if cache is not None and len(cache) != c.num_hidden_layers:
+      raise ValueError(f"cache has {len(cache)} layers, the model has {c.num_hidden_layers}")
+    if cache is None and attention_mask.shape[1] != length:
+      raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns, expected the chunk "
+                       f"length {length} (without a cache)")
+    if cache is not None and attention_mask.shape[1] != cache[0]["k"].shape[1]:
+      raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns, expected the cache's "
+                       f"{cache[0]['k'].shape[1]} slots")
+    mask = attention_mask_for(attention_mask, length, cache_index)      # [B, L, K]
+
+    new_cache = [] if cache is not None else None
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    x = self.norm(x)
+    if c.tie_word_embeddings:
+      logits = self.embed_tokens.attend(x)                              # [B, L, D] -> [B, L, V]
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32), new_cache
