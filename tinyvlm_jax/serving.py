@@ -1,0 +1,44 @@
+"""Finding and loading a model for inference: model folders inside training workdirs, tokenizers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tinyvlm_jax.model_io import CONFIG_FILE, FORMAT, TOKENIZER_DIR, ModelFolderError
+
+
+def _is_model_dir(path: str) -> bool:
+  try:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      return json.load(f).get("format") == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def find_model_dir(path: str) -> str:
+  """A model folder, or the newest model folder inside a training workdir (searched 3 levels deep)."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise ModelFolderError(f"{path}: no such checkpoint folder")
+  if _is_model_dir(path):
+    return path
+  found = []
+  for root, dirs, _ in os.walk(path):
+    if root[len(path):].count(os.sep) >= 3:
+      dirs[:] = []
+      continue
+    if root != path and _is_model_dir(root):
+      found.append(root)
+      dirs[:] = []
+  if not found:
+    raise ModelFolderError(f"{path}: holds no TinyVLM model folder (a folder with a {CONFIG_FILE} of format "
+                           f"{FORMAT!r}); pass the output of launch/train.py or convert/hf_to_jax.py")
+  return max(found, key=lambda d: os.path.getmtime(os.path.join(d, CONFIG_FILE)))
+
+
+def load_model_tokenizer(model_dir: str):
+  """The model folder's own tokenizer when it has one, else the offline Qwen2.5 default."""
+  from tinyvlm_jax.data.tokenizer import load_tokenizer
+  tok_dir = os.path.join(model_dir, TOKENIZER_DIR)
+  return load_tokenizer(tok_dir if os.path.isdir(tok_dir) and os.listdir(tok_dir) else None)
