@@ -105,7 +105,8 @@ class LMDecoder:
     kv_mask = jnp.concatenate([mask, jnp.ones((b, max_new), mask.dtype)], axis=1)  # [B, S]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, cache = self.model.apply({"params": params}, inputs_embeds=embeds, positions=positions,
-                                     attention_mask=kv_mask, cache=cache, cache_index=jnp.int32(0))
+                                     attention_mask=kv_mask, cache=cache, cache_index=jnp.int32(0),
+                                     last_only=True)
     rng, key = jax.random.split(rng)
     first = sample_next(logits[:, -1], key, sampling)
     tokens = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)

@@ -173,8 +173,11 @@ class Qwen2ForCausalLM(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, positions, attention_mask,
-               cache=None, cache_index=None):
+               cache=None, cache_index=None, last_only: bool = False):
     """Runs the decoder on a chunk of L tokens.
+
+    `last_only`: logits of the chunk's last position only ([B, 1, V]): prefill needs no more,
+    and the LM head over 151,936 ids at every prompt position would cost more than a layer.
 
     input_ids [B, L] or inputs_embeds [B, L, D] (exactly one); positions [B, L] int32
     (RoPE position ids). Without cache: attention_mask [B, L], 1 = real token. With a
@@ -203,7 +206,7 @@ class Qwen2ForCausalLM(nn.Module):
       x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
       if cache is not None:
         new_cache.append(layer_cache)
-    x = self.norm(x)
+    x = self.norm(x[:, -1:] if last_only else x)
     if c.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)                              # [B, L, D] -> [B, L, V]
     else:
