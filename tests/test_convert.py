@@ -238,3 +238,39 @@ def test_model_folder_save_load(tmp_path):
     model_io.load_model(tmp_path / "m")
   with pytest.raises(model_io.ModelFolderError, match="no config.json"):
     model_io.load_model(tmp_path)
+
+
+def test_backbone_folders_in_other_layouts(hf_dirs, tmp_path):
+  """A whole SiglipModel (text tower ignored), ConvNextV2ForImageClassification ("convnextv2." prefix,
+  classifier ignored), a sharded Qwen2 and a pytorch_model.bin give the same params as the plain towers."""
+  cfg = model_config("tiny")
+  torch.manual_seed(1)
+  text = transformers.SiglipTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, vocab_size=99)
+  full = transformers.SiglipModel(transformers.SiglipConfig(text_config=text.to_dict(),
+                                                            vision_config=siglip.to_hf_config(cfg.vision).to_dict()))
+  full.save_pretrained(tmp_path / "siglip_full")
+  want = siglip.params_from_hf({k[len("vision_model."):]: v for k, v in full.state_dict().items()
+                                if k.startswith("vision_model.")}, cfg.vision)
+  convert.backbone_config(tmp_path / "siglip_full", "siglip", cfg.vision)
+  got = convert.backbone_params(tmp_path / "siglip_full", "siglip", cfg.vision)
+  assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
+
+  hf_cnn = convnext.to_hf_config(cfg.cnn)
+  hf_cnn.num_labels = 5
+  classifier = transformers.ConvNextV2ForImageClassification(hf_cnn)
+  classifier.save_pretrained(tmp_path / "cnn_cls")
+  convert.backbone_config(tmp_path / "cnn_cls", "convnext", cfg.cnn)
+  got = convert.backbone_params(tmp_path / "cnn_cls", "convnext", cfg.cnn)
+  assert jax.tree.all(jax.tree.map(np.array_equal, got, convnext.params_from_hf(classifier.convnextv2, cfg.cnn)))
+
+  qwen = transformers.Qwen2ForCausalLM.from_pretrained(hf_dirs["qwen"])
+  want = qwen2.params_from_hf(hf_dirs["qwen"], cfg.llm)
+  qwen.save_pretrained(tmp_path / "qwen_sharded", max_shard_size="100KB")
+  assert (tmp_path / "qwen_sharded" / "model.safetensors.index.json").is_file()
+  (tmp_path / "qwen_bin").mkdir()
+  shutil.copy(hf_dirs["qwen"] / "config.json", tmp_path / "qwen_bin" / "config.json")
+  torch.save(qwen.state_dict(), tmp_path / "qwen_bin" / "pytorch_model.bin")
+  for folder in ("qwen_sharded", "qwen_bin"):
+    got = convert.backbone_params(tmp_path / folder, "qwen", cfg.llm)
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, want)), folder
