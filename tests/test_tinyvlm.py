@@ -74,3 +74,17 @@ def test_logits_depend_on_every_view_and_the_cnn_image():
     assert others.max() == 0  # the other views' tokens did not
     assert (diff[:cfg.num_cnn_tokens].max() > 0) == (view == 0)  # the fuser reads the global view only
   assert np.abs(encode(px, -cnn) - base)[0, :cfg.num_cnn_tokens].min() > 0
+
+
+def test_hidden_only_then_lm_logits_equals_logits():
+  """Training takes hidden states and applies the LM head to supervised positions only."""
+  cfg = model_config("tiny")
+  params = init_params(cfg, jax.random.key(0))
+  inputs = dummy_inputs(cfg, batch=2)
+  inputs["input_ids"] = jax.random.randint(jax.random.key(1), inputs["input_ids"].shape, 0, 400)
+  model = TinyVLM(cfg)
+  logits, _ = model.apply({"params": params}, **inputs)
+  hidden, _ = model.apply({"params": params}, **inputs, hidden_only=True)
+  picked = hidden[:, jnp.array([3, 7])]
+  np.testing.assert_allclose(model.apply({"params": params}, picked, method="lm_logits"),
+                             logits[:, jnp.array([3, 7])], atol=1e-5)

@@ -173,11 +173,13 @@ class Qwen2ForCausalLM(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, positions, attention_mask,
-               cache=None, cache_index=None, last_only: bool = False):
+               cache=None, cache_index=None, last_only: bool = False, hidden_only: bool = False):
     """Runs the decoder on a chunk of L tokens.
 
     `last_only`: logits of the chunk's last position only ([B, 1, V]): prefill needs no more,
     and the LM head over 151,936 ids at every prompt position would cost more than a layer.
+    `hidden_only`: return the final-normed hidden states [B, L, D] instead of logits, so a
+    trainer can apply `lm_logits` to the supervised positions only.
 
     input_ids [B, L] or inputs_embeds [B, L, D] (exactly one); positions [B, L] int32
     (RoPE position ids). Without cache: attention_mask [B, L], 1 = real token. With a
@@ -207,8 +209,14 @@ class Qwen2ForCausalLM(nn.Module):
       if cache is not None:
         new_cache.append(layer_cache)
     x = self.norm(x[:, -1:] if last_only else x)
-    if c.tie_word_embeddings:
-      logits = self.embed_tokens.attend(x)                              # [B, L, D] -> [B, L, V]
+    if hidden_only:
+      return x, new_cache
+    return self.lm_logits(x), new_cache
+
+  def lm_logits(self, x):
+    """Final-normed hidden states [..., D] -> float32 logits [..., V] (tied or separate head)."""
+    if self.config.tie_word_embeddings:
+      logits = self.embed_tokens.attend(x.astype(jnp.dtype(self.config.dtype)))  # [..., D] -> [..., V]
     else:
-      logits = self.lm_head(x)
-    return logits.astype(jnp.float32), new_cache
+      logits = self.lm_head(x.astype(jnp.dtype(self.config.dtype)))
+    return logits.astype(jnp.float32)

@@ -81,18 +81,23 @@ class TinyVLM(nn.Module):
       return embeds
     return splice_visual_tokens(input_ids, embeds, visual_tokens, self.config.image_token_id)
 
-  def decode(self, inputs_embeds, *, positions, attention_mask, cache=None, cache_index=None):
-    """The LLM on given input embeddings -> (logits [B, L, V], cache)."""
+  def decode(self, inputs_embeds, *, positions, attention_mask, cache=None, cache_index=None,
+             hidden_only: bool = False):
+    """The LLM on given input embeddings -> (logits [B, L, V] or hidden states [B, L, D], cache)."""
     return self.llm(inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
-                    cache=cache, cache_index=cache_index)
+                    cache=cache, cache_index=cache_index, hidden_only=hidden_only)
+
+  def lm_logits(self, hidden):
+    """Final hidden states [..., D] -> logits [..., V]: for the supervised positions only, in training."""
+    return self.llm.lm_logits(hidden)
 
   def __call__(self, input_ids, pixel_values=None, cnn_pixel_values=None, *, positions, attention_mask,
-               cache=None, cache_index=None, text_noise=None):
-    """Token ids with placeholders + images -> (logits [B, L, V], cache)."""
+               cache=None, cache_index=None, text_noise=None, hidden_only: bool = False):
+    """Token ids with placeholders + images -> (logits [B, L, V] or hidden states, cache)."""
     visual = None if pixel_values is None else self.encode_images(pixel_values, cnn_pixel_values)
     embeds = self.embed_inputs(input_ids, visual, text_noise)
     return self.decode(embeds, positions=positions, attention_mask=attention_mask, cache=cache,
-                       cache_index=cache_index)
+                       cache_index=cache_index, hidden_only=hidden_only)
 
 
 def dummy_inputs(config: TinyVLMConfig, batch: int = 1, seq_len: int | None = None):
