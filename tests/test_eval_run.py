@@ -57,23 +57,37 @@ def _write(name, path, n=3):
   pq.write_table(pa.table(rows), path)
 
 
+@pytest.fixture(scope="module")
+def generator(model_dir):
+  """One generator for every benchmark: programs compile once per (batch, bucket) shape."""
+  from tinyvlm_jax.generate import VLMGenerator
+  from tinyvlm_jax.model_io import load_model
+  from tinyvlm_jax.serving import load_model_tokenizer
+  config, params = load_model(model_dir)
+  tok = load_model_tokenizer(model_dir)
+  return config, tok, VLMGenerator(config, params, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+
+
 @pytest.mark.parametrize("benchmark", ["vqav2", "textvqa", "pope", "mmmu", "realworldqa"])
-def test_eval_end_to_end_and_resume(benchmark, model_dir, tmp_path):
-  from tinyvlm_jax.eval.runner import run
+def test_eval_end_to_end_and_resume(benchmark, generator, tmp_path):
+  from tinyvlm_jax.eval.runner import evaluate
+  config, tok, gen = generator
   data = tmp_path / f"{benchmark}.parquet"
   _write(benchmark, data)
   out = tmp_path / "out"
-  first = run(model_dir, benchmark, str(data), str(out), limit=2, batch_size=2, progress=False)
+  items = read_benchmark(benchmark, str(data))
+  first = evaluate(gen, config, tok, items[:2], benchmark=benchmark, out_dir=str(out), batch_size=2,
+                   max_new_tokens=4, progress=False)
   assert first["n"] == 2 and first["generated_this_run"] == 2
-  second = run(model_dir, benchmark, str(data), str(out), batch_size=2, progress=False)
+  second = evaluate(gen, config, tok, items, benchmark=benchmark, out_dir=str(out), batch_size=2,
+                    max_new_tokens=4, progress=False)
   assert second["n"] == 3 and second["generated_this_run"] == 1  # resumed: only the new item ran
   with open(out / "results.json") as f:
     results = json.load(f)
   preds = read_predictions(str(out / "predictions.jsonl"))
   assert len(preds) == 3
   # the stored metrics are the metric functions applied to the stored predictions
-  assert results["metrics"] == json.loads(json.dumps(score_benchmark(benchmark, read_benchmark(benchmark, str(data)),
-                                                                     preds)))
+  assert results["metrics"] == json.loads(json.dumps(score_benchmark(benchmark, items, preds)))
   for key in ("seconds", "ttft_p50", "ttft_p90", "decode_tokens_per_second", "compiled_programs"):
     assert key in results
   assert results["ttft_p50"] > 0 and results["compiled_programs"] >= 1
