@@ -14,10 +14,9 @@ import transformers
 from tinyvlm_jax.convert import tinyvlm as convert
 from tinyvlm_jax.data.images import preprocess
 from tinyvlm_jax.generate import VLMGenerator
-from tinyvlm_jax.models import heads
 from tinyvlm_jax.models.tinyvlm import TinyVLM, param_shapes
 from tinyvlm_jax.presets import model_config
-from tinyvlm_jax.torch_model import TinyVLMTorch, sincos_2d
+from tinyvlm_jax.torch_model import TinyVLMTorch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 32
@@ -67,11 +66,6 @@ def tiny(tmp_path_factory):
   folder = tmp_path_factory.mktemp("export")
   convert.save_export(folder, params, cfg)
   return cfg, params, folder, TinyVLMTorch.from_pretrained(folder)
-
-
-def test_sincos_matches_the_jax_heads_copy():
-  for grid, width, frame in ((7, 896, 24), (24, 896, 24), (2, 64, 4)):
-    np.testing.assert_array_equal(sincos_2d(grid, width, frame=frame), heads.sincos_2d(grid, width, frame=frame))
 
 
 def test_torch_logits_match_jax(tiny):

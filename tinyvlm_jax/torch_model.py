@@ -24,21 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tinyvlm_jax.models.config import TinyVLMConfig
-
-
-def sincos_2d(grid: int, width: int, *, frame: int) -> np.ndarray:
-  """Fixed 2D sin-cos embedding [grid*grid, width]: the same function as
-  `tinyvlm_jax.models.heads.sincos_2d` (which imports JAX), kept here so torch does not need it."""
-  if width % 4:
-    raise ValueError(f"sincos_2d: width {width} must be divisible by 4")
-  centres = (np.arange(grid, dtype=np.float64) + 0.5) / grid * frame  # [grid]
-  yy, xx = np.meshgrid(centres, centres, indexing="ij")
-  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
-
-  def enc(pos):
-    out = pos.reshape(-1)[:, None] * omega[None]
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-  return np.concatenate([enc(yy), enc(xx)], axis=1).astype(np.float32)
+from tinyvlm_jax.models.positional import sincos_2d
 
 
 class ConvPooler(nn.Module):
