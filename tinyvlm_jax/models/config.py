@@ -37,6 +37,7 @@ class SiglipConfig:
   layer_norm_eps: float = 1e-6
   hidden_act: str = "gelu_pytorch_tanh"
   dtype: str = "float32"  # compute dtype; parameters stay float32
+  quantization: str = "none"  # none | int8 | int4 | int4_g{32,64,128}: weight-only (tinyvlm_jax.quantize)
 
   @property
   def grid(self) -> int:
@@ -65,6 +66,7 @@ class QwenConfig:
   hidden_act: str = "silu"
   dtype: str = "float32"
   remat: str = "none"  # none | full | dots: rematerialisation of each decoder layer
+  quantization: str = "none"  # none | int8 | int4 | int4_g{32,64,128}: weight-only (tinyvlm_jax.quantize)
 
   @property
   def head_dim(self) -> int:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyvlm_jax.models.config import QwenConfig
+from tinyvlm_jax.quantize import QuantDense, QuantEmbed
 
 # Logit for masked (batch, query, key) entries: finite, so a fully padded row gives a
 # uniform softmax instead of NaN.
@@ -52,7 +53,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + rotated * sin
 
 
-def _dense(features: int, dtype, *, use_bias: bool, name: str) -> nn.Dense:
+def _dense(config: QwenConfig, features: int, *, use_bias: bool, name: str | None = None) -> nn.Module:
+  """nn.Dense, or its weight-only quantized twin when `config.quantization` is set."""
+  dtype = jnp.dtype(config.dtype)
+  if config.quantization != "none":
+    return QuantDense(features, config.quantization, use_bias=use_bias, dtype=dtype, name=name)
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nn.initializers.normal(0.02), name=name)
 
@@ -76,9 +81,9 @@ class Qwen2Attention(nn.Module):
     heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     groups = heads // kv_heads
 
-    q = _dense(heads * head_dim, dtype, use_bias=True, name="q_proj")(x)
-    k = _dense(kv_heads * head_dim, dtype, use_bias=True, name="k_proj")(x)
-    v = _dense(kv_heads * head_dim, dtype, use_bias=True, name="v_proj")(x)
+    q = _dense(c, heads * head_dim, use_bias=True, name="q_proj")(x)
+    k = _dense(c, kv_heads * head_dim, use_bias=True, name="k_proj")(x)
+    v = _dense(c, kv_heads * head_dim, use_bias=True, name="v_proj")(x)
     q = apply_rope(q.reshape(batch, length, heads, head_dim), positions, c.rope_theta)
     k = apply_rope(k.reshape(batch, length, kv_heads, head_dim), positions, c.rope_theta)
     v = v.reshape(batch, length, kv_heads, head_dim)
@@ -100,7 +105,7 @@ class Qwen2Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v)                       # [B, L, KV, G, hd]
     out = out.reshape(batch, length, heads * head_dim)
-    return _dense(c.hidden_size, dtype, use_bias=False, name="o_proj")(out), new_cache
+    return _dense(c, c.hidden_size, use_bias=False, name="o_proj")(out), new_cache
 
 
 class Qwen2MLP(nn.Module):
@@ -110,12 +115,11 @@ class Qwen2MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dtype = jnp.dtype(c.dtype)
     if c.hidden_act != "silu":
       raise ValueError(f"QwenConfig.hidden_act={c.hidden_act!r}: only 'silu' is implemented")
-    gate = _dense(c.intermediate_size, dtype, use_bias=False, name="gate_proj")(x)
-    up = _dense(c.intermediate_size, dtype, use_bias=False, name="up_proj")(x)
-    return _dense(c.hidden_size, dtype, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+    gate = _dense(c, c.intermediate_size, use_bias=False, name="gate_proj")(x)
+    up = _dense(c, c.intermediate_size, use_bias=False, name="up_proj")(x)
+    return _dense(c, c.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -159,14 +163,16 @@ class Qwen2ForCausalLM(nn.Module):
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-                                 embedding_init=nn.initializers.normal(0.02))
+    if c.quantization != "none":
+      self.embed_tokens = QuantEmbed(c.vocab_size, c.hidden_size, c.quantization, dtype=dtype)
+    else:
+      self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+                                   embedding_init=nn.initializers.normal(0.02))
     layer = _layer_class(c.remat)
     self.layers = [layer(c) for _ in range(c.num_hidden_layers)]   # named layers_0 ... layers_{n-1}
     self.norm = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=dtype, param_dtype=jnp.float32)
     if not c.tie_word_embeddings:
-      self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                              kernel_init=nn.initializers.normal(0.02))
+      self.lm_head = _dense(c, c.vocab_size, use_bias=False)
 
   def embed(self, input_ids):
     """Token embeddings: [B, L] int -> [B, L, D]."""
@@ -215,8 +221,13 @@ class Qwen2ForCausalLM(nn.Module):
 
   def lm_logits(self, x):
     """Final-normed hidden states [..., D] -> float32 logits [..., V] (tied or separate head)."""
-    if self.config.tie_word_embeddings:
-      logits = self.embed_tokens.attend(x.astype(jnp.dtype(self.config.dtype)))  # [..., D] -> [..., V]
+    dtype = jnp.dtype(self.config.dtype)
+    if self.config.tie_word_embeddings and self.config.quantization != "none":
+      logits = self.embed_tokens.attend(x)                              # [..., D] -> [..., V]
+    elif self.config.tie_word_embeddings:
+      # Not `Embed.attend` (x @ E.T): XLA:CPU fuses that transpose into a single-threaded loop
+      # (100 ms per decode step); contracting E's last axis directly is one plain GEMV.
+      logits = jnp.einsum("...d,vd->...v", x.astype(dtype), self.embed_tokens.embedding.astype(dtype))
     else:
-      logits = self.lm_head(x.astype(jnp.dtype(self.config.dtype)))
+      logits = self.lm_head(x.astype(dtype))
     return logits.astype(jnp.float32)

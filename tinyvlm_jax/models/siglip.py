@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from tinyvlm_jax.models.config import SiglipConfig
+from tinyvlm_jax.quantize import QuantDense
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -30,7 +31,11 @@ def activation(name: str):
   return _ACTIVATIONS[name]
 
 
-def _dense(features: int, dtype, name: str) -> nn.Dense:
+def _dense(cfg: SiglipConfig, features: int, name: str) -> nn.Module:
+  """nn.Dense, or its weight-only quantized twin when `cfg.quantization` is set."""
+  dtype = jnp.dtype(cfg.dtype)
+  if cfg.quantization != "none":
+    return QuantDense(features, cfg.quantization, dtype=dtype, name=name)
   return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nn.initializers.xavier_uniform(), name=name)
 
@@ -68,18 +73,17 @@ class SiglipAttention(nn.Module):
   @nn.compact
   def __call__(self, x):  # [N, P, D] -> [N, P, D]
     cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
     heads = cfg.num_attention_heads
     if cfg.hidden_size % heads:
       raise ValueError(f"SiglipConfig: hidden_size={cfg.hidden_size} is not divisible by "
                        f"num_attention_heads={heads}")
     n, p, d = x.shape
     split = lambda t: t.reshape(n, p, heads, d // heads)  # [N, P, D] -> [N, P, heads, head_dim]
-    q = split(_dense(d, dtype, "q_proj")(x))
-    k = split(_dense(d, dtype, "k_proj")(x))
-    v = split(_dense(d, dtype, "v_proj")(x))
+    q = split(_dense(cfg, d, "q_proj")(x))
+    k = split(_dense(cfg, d, "k_proj")(x))
+    v = split(_dense(cfg, d, "v_proj")(x))
     out = jax.nn.dot_product_attention(q, k, v)  # softmax in fp32, scale 1/sqrt(head_dim)
-    return _dense(d, dtype, "out_proj")(out.reshape(n, p, d))
+    return _dense(cfg, d, "out_proj")(out.reshape(n, p, d))
 
 
 class SiglipMLP(nn.Module):
@@ -88,10 +92,9 @@ class SiglipMLP(nn.Module):
   @nn.compact
   def __call__(self, x):  # [N, P, D] -> [N, P, D]
     cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
-    x = _dense(cfg.intermediate_size, dtype, "fc1")(x)  # [N, P, D] -> [N, P, F]
+    x = _dense(cfg, cfg.intermediate_size, "fc1")(x)  # [N, P, D] -> [N, P, F]
     x = activation(cfg.hidden_act)(x)
-    return _dense(cfg.hidden_size, dtype, "fc2")(x)  # [N, P, F] -> [N, P, D]
+    return _dense(cfg, cfg.hidden_size, "fc2")(x)  # [N, P, F] -> [N, P, D]
 
 
 class SiglipEncoderLayer(nn.Module):

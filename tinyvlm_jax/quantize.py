@@ -1,0 +1,364 @@
+"""Weight-only int8 / int4 quantization of the LLM and the vision tower.
+
+`quantize_params(params, config, mode)` turns the float32 params of a trained model into
+quantized ones and `quantized_config(config, mode)` sets the `quantization` field that makes
+`Qwen2ForCausalLM` / `SiglipVisionTower` build `QuantDense` / `QuantEmbed` layers instead of
+`nn.Dense` / `nn.Embed`. Norms, biases, convolutions, position embeddings, the heads and the
+CNN stay float32.
+
+Modes: `int8`, one scale per output channel (symmetric, q in [-127, 127]); `int4` (group 128),
+`int4_g64`, `int4_g32`: one scale per output channel and group of G inputs (q in [-7, 7]).
+The tied embedding is quantized per row, which is per output channel of the LM head.
+
+Layout (N outputs, K inputs; rows of 8 outputs are tiled so the CPU kernel streams them):
+  int8  qkernel int8  [N/8, K/8, 8, 8]    scale f32 [N]
+  int4  qkernel uint8 [N/8, K/32, 8, 16]  scale f32 [N, K/G]; in each row's 16 bytes of a tile,
+        byte b holds column b (low nibble) and b + 16 (high nibble), stored as q + 8.
+Dense layers hold {"qkernel", "scale"[, "bias"]}; the embedding holds {"qembedding", "scale"}.
+
+Compute: on CPU, a decode step (at most `GEMV_MAX_ROWS` rows) calls the kernels of
+`quantize_cpu.cc` (built with g++ on first use, cached): they read the packed weights once and
+dequantize in registers. XLA:CPU itself would first convert an int8 dot operand to a float32
+array in memory (about 0.3 G weights/s here), slower than float32 weights. Longer inputs
+(prefill, the vision tower) dequantize each weight once per call and use XLA's dot. On other
+platforms, and on CPUs without the kernels, everything takes the dequantize-and-dot path,
+which XLA fuses on accelerators.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "int8", "int4", "int4_g128", "int4_g64", "int4_g32")
+INT4_DEFAULT_GROUP = 128
+TILE_ROWS = 8
+GEMV_MAX_ROWS = 16  # at most this many rows of x per call use the CPU GEMV kernels
+KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantize_cpu.cc")
+DISABLE_ENV = "TINYVLM_CPU_KERNELS"  # set to 0 to use the XLA path on CPU too
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantMode:
+  bits: int          # 8 or 4
+  group_size: int    # int4 group size along the inputs (0 for int8: per channel)
+
+  def group_for(self, k: int) -> int:
+    """The group size used for K inputs: the mode's, or K itself when K is smaller."""
+    return min(self.group_size, k)
+
+
+def parse_mode(mode: str) -> QuantMode | None:
+  """'none' -> None, 'int8' -> QuantMode(8, 0), 'int4' -> QuantMode(4, 128), 'int4_g64' -> QuantMode(4, 64)."""
+  if mode not in MODES:
+    raise ValueError(f"quantization mode {mode!r} is not supported; use one of {list(MODES)}")
+  if mode == "none":
+    return None
+  if mode == "int8":
+    return QuantMode(8, 0)
+  m = re.fullmatch(r"int4(?:_g(\d+))?", mode)
+  return QuantMode(4, int(m.group(1) or INT4_DEFAULT_GROUP))
+
+
+# ---------------------------------------------------------------------------------------
+# Packing (numpy, done once) and unpacking (jnp, inside the model).
+
+def _check_dims(n: int, k: int, what: str) -> None:
+  if n % TILE_ROWS or k % 32:
+    raise ValueError(f"{what}: a quantized weight needs outputs N % {TILE_ROWS} == 0 and inputs K % 32 == 0, "
+                     f"got N={n}, K={k}")
+
+
+def quantize_int8(w: np.ndarray, what: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+  """w [N, K] (one row per output) -> (q int8 [N/8, K/8, 8, 8], scale f32 [N]), |w - q*scale| <= scale/2."""
+  w = np.asarray(w, np.float32)
+  n, k = w.shape
+  _check_dims(n, k, what)
+  scale = np.abs(w).max(axis=1) / 127.0
+  scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+  q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+  return tile_int8(q), scale
+
+
+def quantize_int4(w: np.ndarray, group_size: int, what: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+  """w [N, K] -> (packed uint8 [N/8, K/32, 8, 16], scale f32 [N, K/G]), |w - q*scale| <= scale/2."""
+  w = np.asarray(w, np.float32)
+  n, k = w.shape
+  _check_dims(n, k, what)
+  if k % group_size or group_size % 32:
+    raise ValueError(f"{what}: int4 group size {group_size} must divide K={k} and be a multiple of 32")
+  groups = w.reshape(n, k // group_size, group_size)
+  scale = np.abs(groups).max(axis=2) / 7.0
+  scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+  q = np.clip(np.rint(groups / scale[..., None]), -7, 7).astype(np.int8).reshape(n, k)
+  return pack_int4(q), scale
+
+
+def tile_int8(q: np.ndarray) -> np.ndarray:
+  """[N, K] -> [N/8, K/8, 8, 8]: tile (i, j) = rows 8i.., columns 8j.."""
+  n, k = q.shape
+  return np.ascontiguousarray(q.reshape(n // 8, 8, k // 8, 8).transpose(0, 2, 1, 3))
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+  """int values in [-8, 7], [N, K] -> uint8 [N/8, K/32, 8, 16] (see the module docstring)."""
+  n, k = q.shape
+  nib = (np.asarray(q, np.int16) + 8).astype(np.uint8).reshape(n // 8, 8, k // 32, 2, 16)
+  packed = nib[:, :, :, 0] | (nib[:, :, :, 1] << 4)                 # [N/8, 8, K/32, 16]
+  return np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
+
+
+def untile_int8(t):
+  """[N/8, K/8, 8, 8] -> [N, K] (jnp or numpy)."""
+  a, b = t.shape[:2]
+  return t.transpose(0, 2, 1, 3).reshape(a * 8, b * 8)
+
+
+def unpack_int4(p):
+  """uint8 [N/8, K/32, 8, 16] -> int8 [N, K] with values in [-8, 7] (jnp or numpy)."""
+  xp = jnp if isinstance(p, jax.Array) else np
+  a, b = p.shape[:2]
+  nib = xp.concatenate([p & 15, p >> 4], axis=-1).astype(xp.int8) - 8   # [N/8, K/32, 8, 32]
+  return nib.transpose(0, 2, 1, 3).reshape(a * 8, b * 32)
+
+
+def dequantize(qkernel, scale, dtype=jnp.float32):
+  """Quantized weight -> float [N, K] (jnp), the kind told by the dtype of qkernel."""
+  if qkernel.dtype == jnp.int8:
+    return untile_int8(qkernel).astype(dtype) * scale.astype(dtype)[:, None]
+  q = unpack_int4(qkernel).astype(dtype)
+  n, k = q.shape
+  groups = scale.shape[1]
+  return (q.reshape(n, groups, k // groups) * scale.astype(dtype)[..., None]).reshape(n, k)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU kernels: compiled once per machine, registered with XLA as FFI targets.
+
+_TARGETS = {"gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4", "gemv_f32": "TinyvlmGemvF32",
+            "dequant_i8": "TinyvlmDequantI8", "dequant_i4": "TinyvlmDequantI4"}
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _cache_dir() -> str:
+  return os.environ.get("TINYVLM_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tinyvlm_jax"))
+
+
+def _build(source: str, out: str) -> None:
+  cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+         f"-I{jax.ffi.include_dir()}", source, "-o", out]
+  subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+
+
+@functools.cache
+def cpu_kernels() -> bool:
+  """Builds (once, cached by source hash and CPU) and registers the CPU kernels; False if unavailable."""
+  if os.environ.get(DISABLE_ENV, "1") == "0":
+    return False
+  if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= _cpu_flags():
+    log.info("quantize: no AVX2/FMA CPU; quantized layers use XLA's dequantize-and-dot on CPU")
+    return False
+  with open(KERNEL_SOURCE, "rb") as f:
+    key = hashlib.sha256(f.read() + jax.__version__.encode() + platform.processor().encode()
+                         + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
+  path = os.path.join(_cache_dir(), f"libtinyvlm_quant_{key}.so")
+  if not os.path.exists(path):
+    os.makedirs(_cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+    os.close(fd)
+    try:
+      _build(KERNEL_SOURCE, tmp)
+      os.replace(tmp, path)  # atomic: concurrent builders each write their own temp file
+    except (OSError, subprocess.SubprocessError) as e:
+      detail = getattr(e, "stderr", "") or str(e)
+      log.warning("quantize: could not build %s (%s); quantized layers use XLA's dequantize-and-dot on CPU",
+                  KERNEL_SOURCE, detail.strip()[-500:])
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      return False
+  lib = ctypes.cdll.LoadLibrary(path)
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f"tinyvlm_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return True
+
+
+def _ffi(name: str, shape, *args):
+  return jax.ffi.ffi_call(f"tinyvlm_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(*args)
+
+
+def quantized_matmul(x, qkernel, scale):
+  """x [..., K] @ W^T for a quantized W [N, K] -> [..., N] in x's dtype."""
+  int8 = qkernel.dtype == jnp.int8
+  n = qkernel.shape[0] * TILE_ROWS
+  k = qkernel.shape[1] * (8 if int8 else 32)
+  lead = x.shape[:-1]
+  rows = int(np.prod(lead, dtype=np.int64))
+
+  def xla_path(x2, qkernel, scale):
+    return jnp.einsum("mk,nk->mn", x2, dequantize(qkernel, scale, x2.dtype))
+
+  def cpu_path(x2, qkernel, scale):
+    if rows <= GEMV_MAX_ROWS:
+      return _ffi("gemv_i8" if int8 else "gemv_i4", (rows, n), x2.astype(jnp.float32), qkernel, scale)
+    w = _ffi("dequant_i8" if int8 else "dequant_i4", (n, k), qkernel, scale)
+    return jnp.einsum("mk,nk->mn", x2, w.astype(x2.dtype))
+
+  x2 = x.reshape(rows, k)
+  if cpu_kernels():
+    y = jax.lax.platform_dependent(x2, qkernel, scale, cpu=cpu_path, default=xla_path)
+  else:
+    y = xla_path(x2, qkernel, scale)
+  return y.astype(x.dtype).reshape(lead + (n,))
+
+
+# ---------------------------------------------------------------------------------------
+# Layers.
+
+def quantized_shapes(n: int, k: int, mode: QuantMode) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Parameter name -> (shape, dtype) of a quantized [N, K] weight."""
+  if mode.bits == 8:
+    return {"q": ((n // 8, k // 8, 8, 8), jnp.int8), "scale": ((n,), jnp.float32)}
+  return {"q": ((n // 8, k // 32, 8, 16), jnp.uint8), "scale": ((n, k // mode.group_for(k)), jnp.float32)}
+
+
+class QuantDense(nn.Module):
+  """`nn.Dense` with a weight-only quantized kernel (params qkernel, scale[, bias]); see the module doc."""
+  features: int
+  mode: str
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [..., K] -> [..., N]
+    shapes = quantized_shapes(self.features, x.shape[-1], parse_mode(self.mode))
+    (q_shape, q_dtype), (s_shape, _) = shapes["q"], shapes["scale"]
+    qkernel = self.param("qkernel", nn.initializers.zeros_init(), q_shape, q_dtype)
+    scale = self.param("scale", nn.initializers.ones_init(), s_shape, jnp.float32)
+    y = quantized_matmul(x.astype(self.dtype), qkernel, scale)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
+class QuantEmbed(nn.Module):
+  """`nn.Embed` with a quantized table (params qembedding, scale): rows by id, and `attend` (tied LM head)."""
+  num_embeddings: int
+  features: int
+  mode: str
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    shapes = quantized_shapes(self.num_embeddings, self.features, parse_mode(self.mode))
+    (q_shape, q_dtype), (s_shape, _) = shapes["q"], shapes["scale"]
+    self.qembedding = self.param("qembedding", nn.initializers.zeros_init(), q_shape, q_dtype)
+    self.scale = self.param("scale", nn.initializers.ones_init(), s_shape, jnp.float32)
+
+  def __call__(self, ids):  # [...] int -> [..., D]
+    tile, row = ids // TILE_ROWS, ids % TILE_ROWS
+    parts = self.qembedding[tile, :, row, :]                             # [..., K/8, 8] or [..., K/32, 16]
+    scale = self.scale[ids].astype(self.dtype)
+    if self.qembedding.dtype == jnp.int8:
+      return parts.reshape(ids.shape + (self.features,)).astype(self.dtype) * scale[..., None]
+    nib = jnp.concatenate([parts & 15, parts >> 4], axis=-1).astype(jnp.int8) - 8   # [..., K/32, 32]
+    groups = scale.shape[-1]
+    q = nib.reshape(ids.shape + (groups, self.features // groups)).astype(self.dtype)
+    return (q * scale[..., None]).reshape(ids.shape + (self.features,))
+
+  def attend(self, x):  # [..., D] -> [..., V]
+    return quantized_matmul(x.astype(self.dtype), self.qembedding, self.scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Params and config transforms.
+
+def _quantize_weight(w_t: np.ndarray, mode: QuantMode, what: str) -> tuple[np.ndarray, np.ndarray]:
+  if mode.bits == 8:
+    return quantize_int8(w_t, what)
+  return quantize_int4(w_t, mode.group_for(w_t.shape[1]), what)
+
+
+def _quantize_tree(tree: dict, mode: QuantMode, path: tuple[str, ...], embeddings: bool) -> dict:
+  out = {}
+  for name, node in tree.items():
+    where = path + (name,)
+    if isinstance(node, dict) and "kernel" in node and np.ndim(node["kernel"]) == 2:
+      q, scale = _quantize_weight(np.asarray(node["kernel"]).T, mode, "/".join(where))  # Flax [K, N] -> [N, K]
+      out[name] = {"qkernel": q, "scale": scale, **({"bias": node["bias"]} if "bias" in node else {})}
+    elif isinstance(node, dict) and embeddings and name == "embed_tokens" and "embedding" in node:
+      q, scale = _quantize_weight(np.asarray(node["embedding"]), mode, "/".join(where))
+      out[name] = {"qembedding": q, "scale": scale}
+    elif isinstance(node, dict):
+      out[name] = _quantize_tree(node, mode, where, embeddings)
+    else:
+      out[name] = node
+  return out
+
+
+def quantize_params(params: dict, config, mode: str) -> dict:
+  """Float params -> quantized params for `quantized_config(config, mode)`.
+
+  `config` is a TinyVLMConfig (quantizes params["vision"] and params["llm"]), a QwenConfig or a
+  SiglipConfig (params of that tower alone). Returns new numpy leaves for the quantized layers
+  and the same objects elsewhere; mode "none" returns `params` itself.
+  """
+  from tinyvlm_jax.models.config import QwenConfig, SiglipConfig, TinyVLMConfig
+  qmode = parse_mode(mode)
+  if qmode is None:
+    return params
+  if set(params) == {"params"}:
+    return {"params": quantize_params(params["params"], config, mode)}
+  if isinstance(config, TinyVLMConfig):
+    for tower in ("vision", "llm"):
+      if tower not in params:
+        raise ValueError(f"quantize_params: the TinyVLM params have no {tower!r} tower (keys {sorted(params)})")
+    out = dict(params)
+    out["vision"] = _quantize_tree(params["vision"], qmode, ("vision",), embeddings=False)
+    out["llm"] = _quantize_tree(params["llm"], qmode, ("llm",), embeddings=True)
+    return out
+  if isinstance(config, QwenConfig):
+    return _quantize_tree(params, qmode, (), embeddings=True)
+  if isinstance(config, SiglipConfig):
+    return _quantize_tree(params, qmode, (), embeddings=False)
+  raise TypeError(f"quantize_params: config must be a TinyVLMConfig, QwenConfig or SiglipConfig, got {type(config)}")
+
+
+def quantized_config(config, mode: str):
+  """The config whose modules hold `quantize_params(..., mode)`'s params (LLM and vision tower)."""
+  from tinyvlm_jax.models.config import TinyVLMConfig
+  parse_mode(mode)
+  if isinstance(config, TinyVLMConfig):
+    return dataclasses.replace(config, vision=dataclasses.replace(config.vision, quantization=mode),
+                               llm=dataclasses.replace(config.llm, quantization=mode))
+  return dataclasses.replace(config, quantization=mode)
+
+
+def weight_bytes(params) -> int:
+  """Bytes of all parameter arrays."""
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(params)))

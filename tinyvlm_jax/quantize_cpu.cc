@@ -1,0 +1,302 @@
+// XLA:CPU kernels for weight-only quantized layers (loaded by tinyvlm_jax/quantize.py via jax.ffi).
+//
+// Why: XLA:CPU converts an int8 dot operand to float32 in memory before the dot (about 0.3 G
+// weights/s here), so decoding with int8 weights would be slower than float32. These kernels read
+// the packed weights once, dequantize in registers, and split the rows over XLA's intra-op pool.
+//
+// Weights are stored in row tiles so that a tile is one contiguous stream (N outputs, K inputs):
+//   int8: q int8 [N/8, K/8, 8, 8]     tile (i, j) holds rows 8i..8i+7, columns 8j..8j+7
+//         scale f32 [N]               W[n, k] = scale[n] * q
+//   int4: p uint8 [N/8, K/32, 8, 16]  tile (i, j): rows 8i..8i+7, columns 32j..32j+31; byte b of a
+//         row holds column b in its low nibble and column b + 16 in its high nibble
+//         scale f32 [N, K/G]          W[n, k] = scale[n, k / G] * (nibble - 8)
+//   float32: w f32 [N/8, K/8, 8, 8]   (same tiling as int8; the float32 decode path)
+//
+// Handlers: TinyvlmGemv{I8,I4,F32}(x [M, K] f32, weights..., scale...) -> y [M, N] f32, for few rows
+// of x (decode); TinyvlmDequant{I8,I4}(weights, scale) -> W [N, K] f32 (prefill then uses XLA's dot).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kRowsPerTask = 64;
+constexpr int kPrefetchBytes = 1024;
+
+// Runs body(chunk) for chunk in [0, n): the caller and up to num_threads - 1 pool tasks claim chunks
+// from one counter, so the call completes even when every pool thread is busy with other work.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, n, &body]() {
+    int64_t i;
+    while ((i = shared->next.fetch_add(1)) < n) {
+      body(i);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (shared->done.load(std::memory_order_acquire) < n) _mm_pause();
+}
+
+// Row blocks of kRowsPerTask rows, spread over the pool.
+template <typename F>
+void ForRowBlocks(ffi::ThreadPool& pool, int64_t N, const F& rows) {
+  ParallelFor(pool, (N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t c) {
+    rows(c * kRowsPerTask, std::min(N, (c + 1) * kRowsPerTask));
+  });
+}
+
+// a[0..7] (8 partial-sum vectors, one per row) -> one vector of the 8 row sums.
+inline __m256 ReduceRows(const __m256 a[8]) {
+  __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+inline __m256 LoadI8(const int8_t* p) {  // 8 int8 -> 8 float32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// y[r0..r1) for one row of x; int8 tiles.
+void RowsI8(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const int8_t* t = q + r * K;
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8, t += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchBytes), _MM_HINT_T0);
+      __m256 xv = _mm256_loadu_ps(x + k);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(LoadI8(t + 8 * j), xv, a[j]);
+    }
+    _mm256_storeu_ps(y + r, _mm256_mul_ps(ReduceRows(a), _mm256_loadu_ps(scale + r)));
+  }
+}
+
+// y[r0..r1) for one row of x; float32 tiles.
+void RowsF32(const float* x, int64_t K, const float* w, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const float* t = w + r * K;
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8, t += 64) {
+      for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchBytes + 16 * c), _MM_HINT_T0);
+      __m256 xv = _mm256_loadu_ps(x + k);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(t + 8 * j), xv, a[j]);
+    }
+    _mm256_storeu_ps(y + r, ReduceRows(a));
+  }
+}
+
+// One row's 16 packed bytes -> its 32 nibbles (0..15) as 4 x 8 float32, in column order.
+inline void UnpackI4(const uint8_t* p, __m256 w[4]) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i mask = _mm_set1_epi8(0x0F);
+  __m128i lo = _mm_and_si128(b, mask);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+// y[r0..r1) for one row of x; int4 tiles with group size G. Per group g of row n:
+// sum_k (nib - 8) x_k = sum_k nib x_k - 8 xsum_g, scaled by scale[n, g].
+void RowsI4(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* p, const float* scale,
+            float* y, int64_t r0, int64_t r1) {
+  const int64_t groups = K / G;
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const uint8_t* t = p + r * (K / 2);
+    const float* s = scale + r * groups;
+    __m256 total[8];
+    float offset[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < 8; ++j) total[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 a[8];
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 32, t += 128) {
+        _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchBytes + 64), _MM_HINT_T0);
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+        for (int j = 0; j < 8; ++j) {
+          __m256 w[4];
+          UnpackI4(t + 16 * j, w);
+          a[j] = _mm256_fmadd_ps(w[0], x0, a[j]);
+          a[j] = _mm256_fmadd_ps(w[1], x1, a[j]);
+          a[j] = _mm256_fmadd_ps(w[2], x2, a[j]);
+          a[j] = _mm256_fmadd_ps(w[3], x3, a[j]);
+        }
+      }
+      for (int j = 0; j < 8; ++j) {
+        float sg = s[j * groups + g];
+        total[j] = _mm256_fmadd_ps(_mm256_set1_ps(sg), a[j], total[j]);
+        offset[j] += sg * xsum[g];
+      }
+    }
+    __m256 out = _mm256_sub_ps(ReduceRows(total), _mm256_mul_ps(_mm256_set1_ps(8.f), _mm256_loadu_ps(offset)));
+    _mm256_storeu_ps(y + r, out);
+  }
+}
+
+ffi::Error Invalid(const char* kernel, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string(kernel) + ": " + what);
+}
+
+// x [..., K] -> (M, K); checks the tiling constraints.
+ffi::Error Dims(const char* kernel, const ffi::Buffer<ffi::F32>& x, int64_t K, int64_t N, int64_t* M) {
+  if (x.dimensions().size() < 1 || x.dimensions().back() != K)
+    return Invalid(kernel, "x's last dimension must equal the weights' K = " + std::to_string(K));
+  if (K % 32 != 0 || N % kTileRows != 0)
+    return Invalid(kernel, "K must be a multiple of 32 and N of 8, got K=" + std::to_string(K) + " N=" + std::to_string(N));
+  *M = x.element_count() / K;
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  auto qd = q.dimensions();  // [N/8, K/8, 8, 8]
+  int64_t N = qd[0] * 8, K = qd[1] * 8, M;
+  if (auto e = Dims("TinyvlmGemvI8", x, K, N, &M); e.failure()) return e;
+  if (scale.element_count() != N) return Invalid("TinyvlmGemvI8", "scale must have N elements");
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = 0; m < M; ++m) RowsI8(xp + m * K, K, q.typed_data(), scale.typed_data(), yp + m * N, r0, r1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();  // [N/8, K/8, 8, 8]
+  int64_t N = wd[0] * 8, K = wd[1] * 8, M;
+  if (auto e = Dims("TinyvlmGemvF32", x, K, N, &M); e.failure()) return e;
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = 0; m < M; ++m) RowsF32(xp + m * K, K, w.typed_data(), yp + m * N, r0, r1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> scale,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  auto pd = p.dimensions();  // [N/8, K/32, 8, 16]
+  int64_t N = pd[0] * 8, K = pd[1] * 32, M;
+  if (auto e = Dims("TinyvlmGemvI4", x, K, N, &M); e.failure()) return e;
+  auto sd = scale.dimensions();  // [N, K/G]
+  if (sd.size() != 2 || sd[0] != N || K % sd[1] != 0 || (K / sd[1]) % 32 != 0)
+    return Invalid("TinyvlmGemvI4", "scale must be [N, K/G] with the group size G a multiple of 32");
+  int64_t groups = sd[1], G = K / groups;
+  const float* xp = x.typed_data();
+  std::unique_ptr<float[]> xsum(new float[M * groups]);  // sum of x over each group
+  for (int64_t i = 0; i < M * groups; ++i) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < G; ++k) acc += xp[i * G + k];
+    xsum[i] = acc;
+  }
+  float* yp = y->typed_data();
+  ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = 0; m < M; ++m)
+      RowsI4(xp + m * K, xsum.get() + m * groups, K, G, p.typed_data(), scale.typed_data(), yp + m * N, r0, r1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DequantI8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions();
+  int64_t N = qd[0] * 8, K = qd[1] * 8;
+  const int8_t* qp = q.typed_data();
+  const float* sp = scale.typed_data();
+  float* op = out->typed_data();
+  ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r += kTileRows) {
+      const int8_t* t = qp + r * K;
+      for (int64_t k = 0; k < K; k += 8, t += 64)
+        for (int j = 0; j < 8; ++j)
+          _mm256_storeu_ps(op + (r + j) * K + k, _mm256_mul_ps(LoadI8(t + 8 * j), _mm256_set1_ps(sp[r + j])));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DequantI4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> scale,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  auto pd = p.dimensions();
+  int64_t N = pd[0] * 8, K = pd[1] * 32, groups = scale.dimensions()[1], G = K / groups;
+  const uint8_t* pp = p.typed_data();
+  const float* sp = scale.typed_data();
+  float* op = out->typed_data();
+  ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r += kTileRows) {
+      const uint8_t* t = pp + r * (K / 2);
+      for (int64_t k = 0; k < K; k += 32, t += 128)
+        for (int j = 0; j < 8; ++j) {
+          __m256 w[4];
+          UnpackI4(t + 16 * j, w);
+          __m256 s = _mm256_set1_ps(sp[(r + j) * groups + k / G]);
+          __m256 eight = _mm256_set1_ps(8.f);
+          for (int c = 0; c < 4; ++c)
+            _mm256_storeu_ps(op + (r + j) * K + k + 8 * c, _mm256_mul_ps(_mm256_sub_ps(w[c], eight), s));
+        }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvI8, GemvI8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvI4, GemvI4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvF32, GemvF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI8, DequantI8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI4, DequantI4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
