@@ -1,0 +1,101 @@
+"""The CPU demo: TinyVLM's architecture at small widths (preset "demo") learns the synthetic
+shapes/colours/counts/positions/words VQA set, through the paper's three stages, in one command:
+
+  python launch/train.py                     # = --config configs/demo.py --workdir ./workdir/demo
+
+The data (tinyvlm_jax.data.synthetic) is generated into WORKDIR/data when absent. Then
+stage 1 trains the pooler + connector on captions, stage 2 the vision tower, pooler,
+connector and LLM on the questions (answer-only loss, NEFTune), stage 3 adds the ConvNeXt
+branch and a fresh fuser and trains everything; finally the held-out test split is
+answered greedily and WORKDIR/demo_results.json holds the exact-match accuracy.
+
+No pretrained weights exist offline, so stage 1 starts from RANDOM backbones (a real run
+starts from the converted SigLIP / Qwen2.5 / ConvNeXt-V2, configs/stage1.py), and stage 3's
+CNN is random too. The stages keep Table 8's pattern (what trains, schedule shapes, loss,
+NEFTune); steps, LRs, batch and sequence length are the demo's own, sized for a 2-core CPU
+in float32. Any field can be overridden, e.g. --config.stages.stage2.total_steps=100.
+"""
+
+import ml_collections
+
+from tinyvlm_jax.presets import get_preset
+from tinyvlm_jax.train.config import stage_config
+
+
+# NEFTune's noise is alpha / sqrt(L * d) per element: with the demo's L ~ 50 and d = 64 that is
+# 0.09 at alpha 5, four times the embeddings' initial scale (std 0.02); alpha 1 keeps it at about
+# their size, as alpha 5 does for the real model (L ~ 1000, d = 896: 0.005).
+NEFTUNE_ALPHA = 1.0
+
+
+def _model(use_cnn: bool) -> ml_collections.ConfigDict:
+  m = get_preset("demo")
+  m.use_cnn = use_cnn
+  # SigLIP at 32 px instead of the preset's 64 (patch 8: 4 x 4 patches per view) and narrower:
+  # the 5 views per image were most of the demo's FLOPs. The zoom tiles still see the 64 px
+  # images at full resolution (the 2x zoom is a 64 px image cut into four 32 px tiles).
+  m.vision.image_size = 32
+  m.vision.hidden_size = 64
+  m.vision.intermediate_size = 128
+  # A 64-wide Qwen2 (4 heads of 16, 2 KV heads): the 151,936-row embedding, tied with the LM
+  # head, is most of the model, and its AdamW update and head matmuls scale with this width.
+  m.llm.hidden_size = 64
+  m.llm.intermediate_size = 128
+  return m
+
+
+def _stage(name: str, *, use_cnn: bool) -> ml_collections.ConfigDict:
+  c = stage_config()
+  c.stage = name
+  c.model = _model(use_cnn)
+  c.compute_dtype = "float32"                 # fp32 on CPU (DESIGN 4)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.global_batch_size = 32
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, use_async=True))
+  c.data.sources = ml_collections.ConfigDict({
+      "synthetic_vqa": dict(kind="llava_json", path="{workdir}/data/train.json", image_root="", weight=1.0)})
+  c.data.max_len = 64
+  c.data.seed = 0
+  c.loss.max_targets = 2                      # answer word + <|im_end|>: the LM head runs on these rows only
+  c.log_every = 10
+  return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  s1 = _stage("stage1", use_cnn=False)
+  s1.init.params = "random"                   # no pretrained backbones offline (see above)
+  s1.trainable = ("pooler", "connector")
+  s1.total_steps = 30
+  s1.global_batch_size = 8
+  s1.schedule = ml_collections.ConfigDict(dict(kind="linear", lr_max=2e-3, lr_min=1e-3, warmup_steps=0))
+  s1.data.sources = ml_collections.ConfigDict({
+      "synthetic_captions": dict(kind="llava_json", path="{workdir}/data/captions.json", image_root="", weight=1.0)})
+  s1.data.caption_only = True
+  s1.data.max_len = 96
+  s1.loss.max_targets = 24                    # captions: at most ~20 tokens + <|im_end|>
+
+  s2 = _stage("stage2", use_cnn=False)
+  s2.init.params = "previous"
+  s2.trainable = ("vision", "pooler", "connector", "llm")
+  s2.total_steps = 300
+  s2.schedule = ml_collections.ConfigDict(dict(kind="linear", lr_max=3e-3, lr_min=0.0, warmup_steps=20))
+  s2.loss.neftune_alpha = NEFTUNE_ALPHA
+
+  s3 = _stage("stage3", use_cnn=True)
+  s3.init.params = "previous"
+  s3.init.cnn = "random"                      # no pretrained ConvNeXt offline
+  s3.init.fresh = ("fuser",)
+  s3.trainable = ("vision", "pooler", "connector", "llm", "cnn", "fuser")
+  s3.total_steps = 60
+  s3.schedule = ml_collections.ConfigDict(dict(kind="constant", lr_max=2e-4, lr_min=2e-4, warmup_steps=0))
+  s3.lr_mults.cnn = 5.0                       # the fresh parts learn faster than the trained ones
+  s3.lr_mults.fuser = 5.0
+  s3.loss.neftune_alpha = NEFTUNE_ALPHA
+
+  c = ml_collections.ConfigDict()
+  c.stages = ml_collections.ConfigDict({"stage1": s1, "stage2": s2, "stage3": s3})
+  c.stage_order = ("stage1", "stage2", "stage3")
+  c.demo = ml_collections.ConfigDict(dict(
+      data_dir="{workdir}/data", num_train=4000, num_test=500, image_size=64, seed=0,
+      max_new_tokens=6, eval_batch_size=100))
+  return c
