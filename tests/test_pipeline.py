@@ -14,6 +14,7 @@ from etils import epath
 from PIL import Image
 
 from tinyvlm_jax.data import chat, images, readers, synthetic
+from tinyvlm_jax.data import pipeline as pipeline_lib
 from tinyvlm_jax.data.pipeline import Pipeline, PipelineConfig, TooManyBadRecords
 from tinyvlm_jax.data.tokenizer import load_tokenizer
 from tinyvlm_jax.presets import model_config
@@ -76,7 +77,9 @@ def test_static_shapes_right_padding_and_exact_rows(data):
         "input_ids": ((5, MAX_LEN), np.int32), "loss_mask": ((5, MAX_LEN), bool),
         "attention_mask": ((5, MAX_LEN), np.int32), "positions": ((5, MAX_LEN), np.int32),
         "pixel_values": ((5, v, s, s, 3), np.float32), "cnn_pixel_values": ((5, c, c, 3), np.float32),
-        "has_image": ((5,), bool)}
+        "has_image": ((5,), bool), "example_key": ((5,), np.int32)}
+    # NEFTune's per-record key: a hash of source and id, the same whichever process reads the record
+    assert [int(k) for k in b["example_key"]] == [pipeline_lib.example_key("llava", r) if r else 0 for r in b["id"]]
     n = b["attention_mask"].sum(1)
     real = np.arange(MAX_LEN)[None] < n[:, None]
     np.testing.assert_array_equal(b["attention_mask"], real)  # right padding

@@ -86,33 +86,38 @@ def straight(setup):
   return wd
 
 
+def test_frozen_module_is_bit_identical_to_its_init(setup, straight):
+  import jax
+  from tinyvlm_jax.models.tinyvlm import init_params
+  from tinyvlm_jax.presets import model_config
+  from tinyvlm_jax.train.testing import tiny_stage_config
+  cfg = tiny_stage_config("", "")
+  init = jax.device_get(init_params(model_config(cfg.model), jax.random.PRNGKey(cfg.seed)))
+  trained = load_params(os.path.join(straight, STAGE, "model"))
+  assert "vision" not in cfg.trainable
+  assert identical(trained["vision"], init["vision"])
+  assert not identical(trained["connector"], init["connector"])
+
+
 def test_interrupted_run_resumes_bit_identically(setup, straight):
   wd = setup["root"] / "interrupted"
-  # SIGTERM after step 2: a checkpoint at 2, a clean exit.
-  out = train(setup, wd, fault="sigterm_after_step:2")
-  assert "stopped by SIGTERM at step 2" in out and committed(wd) == [2]
-  # Resume at 2; kill -9 after step 3's checkpoint is committed, in the middle of step 6's
-  # (async) save, before its temporary folder is renamed.
+  # (a) kill -9 right after step 3's checkpoint is committed.
+  train(setup, wd, fault="kill_after_commit:3", expect=-signal.SIGKILL)
+  assert committed(wd) == [3]
+  # (c) resume, and kill -9 in the middle of step 6's (async) save: its temporary folder is
+  # never renamed, so step 3 stays the latest usable checkpoint.
   out = train(setup, wd, fault="kill_during_save:6", expect=-signal.SIGKILL)
-  assert "resumed from step 2" in out
-  assert committed(wd) == [2, 3]
-  # The half-written step 6 is ignored; resume from 3 and finish.
+  assert "resumed from step 3" in out and committed(wd) == [3]
+  # Preemption: SIGTERM after step 4 saves step 4 and exits cleanly.
+  out = train(setup, wd, fault="sigterm_after_step:4")
+  assert "resumed from step 3" in out and "stopped by SIGTERM at step 4" in out and committed(wd) == [3, 4]
   out = train(setup, wd)
-  assert "resumed from step 3" in out and committed(wd)[-1] == 6
+  assert "resumed from step 4" in out and committed(wd)[-1] == 6
   ref_steps, ref_losses = losses(straight)
   steps, got = losses(wd)
   assert steps == ref_steps == [1, 2, 3, 4, 5, 6]
   assert got == ref_losses  # the same loss log, bit for bit
   assert ref_losses[-1] < ref_losses[0]
-  assert identical(load_params(os.path.join(wd, STAGE, "model")), load_params(os.path.join(straight, STAGE, "model")))
-
-
-def test_kill_after_commit_then_resume(setup, straight):
-  wd = setup["root"] / "killed"
-  train(setup, wd, fault="kill_after_commit:3", expect=-signal.SIGKILL)
-  assert committed(wd) == [3]
-  train(setup, wd)
-  assert losses(wd) == losses(straight)
   assert identical(load_params(os.path.join(wd, STAGE, "model")), load_params(os.path.join(straight, STAGE, "model")))
 
 
@@ -125,22 +130,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup):
   assert steps == [1, 2, 3, 4]
 
 
-def test_checkpoint_moves_between_1_and_8_devices(setup, straight):
+@pytest.fixture(scope="module")
+def eight_devices(setup):
+  """3 steps on one process with 8 devices (data=2, fsdp=4)."""
+  wd = setup["root"] / "eight_devices"
+  train(setup, wd, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.total_steps=3", devices=8)
+  assert committed(wd) == [3]
+  return wd
+
+
+def test_checkpoint_moves_between_1_and_8_devices(setup, straight, eight_devices):
+  ref = load_params(os.path.join(straight, STAGE, "model"))
   # 1 device -> 8: resume the straight run's step-3 checkpoint on a data=2, fsdp=4 mesh.
   wd = setup["root"] / "to8"
   shutil.copytree(os.path.join(straight, STAGE, "checkpoints"), os.path.join(wd, STAGE, "checkpoints"))
   shutil.rmtree(os.path.join(wd, STAGE, "checkpoints", "6"))
   out = train(setup, wd, "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
   assert "resumed from step 3" in out and "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
-  ref = load_params(os.path.join(straight, STAGE, "model"))
   assert max_diff(load_params(os.path.join(wd, STAGE, "model")), ref) < 1e-5
-  # 8 devices -> 1: 3 steps on 8 devices, then the rest on one.
-  wd8 = setup["root"] / "from8"
-  train(setup, wd8, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.total_steps=3", devices=8)
-  assert committed(wd8) == [3]
-  out = train(setup, wd8, "--config.total_steps=6", devices=1)
-  assert "resumed from step 3" in out
-  assert max_diff(load_params(os.path.join(wd8, STAGE, "model")), ref) < 1e-5
+  # 8 devices -> 1: the 8-device run's step-3 checkpoint, finished on one device.
+  wd1 = setup["root"] / "from8"
+  shutil.copytree(os.path.join(eight_devices, STAGE, "checkpoints"), os.path.join(wd1, STAGE, "checkpoints"))
+  out = train(setup, wd1, devices=1)
+  assert "resumed from step 3" in out and "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out
+  assert max_diff(load_params(os.path.join(wd1, STAGE, "model")), ref) < 1e-5
 
 
 def _free_port() -> int:
@@ -149,10 +162,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(setup, straight):
-  # Reference: one process, 8 devices, 3 steps (the previous test's first half may not have run).
-  ref_wd = setup["root"] / "one_process8"
-  train(setup, ref_wd, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.total_steps=3", devices=8)
+def test_two_processes_match_one_process(setup, eight_devices):
   wd = setup["root"] / "two_processes"
   port = _free_port()
   env = dict(setup["env"], XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -172,4 +182,39 @@ def test_two_processes_match_one_process(setup, straight):
   assert not any("partial" in v for v in prints[0].values())
   assert "records seen 12," in outs[0]  # process 0 read its share: 3 steps x 4 rows, not 3 x 8
   got = load_params(os.path.join(wd, STAGE, "model"))
-  assert max_diff(got, load_params(os.path.join(ref_wd, STAGE, "model"))) < 1e-5
+  assert max_diff(got, load_params(os.path.join(eight_devices, STAGE, "model"))) < 1e-5
+
+
+def test_cli_rejects_unknown_config_field_by_name(setup, tmp_path):
+  proc = subprocess.run([sys.executable, TRAIN, "--config", os.path.join(REPO, "configs", "stage2.py"),
+                         "--workdir", str(tmp_path), "--config.schedule.lr_maxx=1e-5"],
+                        env=setup["env"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "lr_maxx" in proc.stderr, proc.stderr[-2000:]
+  assert not os.listdir(tmp_path)  # nothing ran
+
+
+def test_generate_and_eval_clis_on_a_trained_workdir(setup, straight, tmp_path):
+  """launch/generate.py and launch/eval.py take launch/train.py's workdir as --checkpoint: they find
+  the stage's model folder and the tokenizer the data was encoded with (here the test's byte BPE)."""
+  from tinyvlm_jax.serving import find_model_dir
+  assert find_model_dir(str(straight)) == os.path.join(str(straight), STAGE, "model")
+  assert os.path.isfile(os.path.join(str(straight), STAGE, "model", "tokenizer", "tokenizer.json"))
+  with open(os.path.join(setup["root"], "data", "train.json")) as f:
+    image = os.path.join(setup["root"], "data", json.load(f)[0]["image"])
+  env = dict(setup["env"], XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "generate.py"), "--checkpoint", str(straight),
+                      "--image", image, "--prompt", "What shape is in the image?", "--max-new-tokens", "4"],
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "TTFT" in r.stderr and "tokens/s" in r.stderr
+  data = tmp_path / "pope.jsonl"
+  data.write_text("".join(json.dumps(dict(question_id=i, question="Is there a circle in the image?", image=image,
+                                          answer=a, category="random")) + "\n" for i, a in enumerate(["yes", "no"])))
+  r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(straight),
+                      "--benchmark", "pope", "--data", str(data), "--out", str(tmp_path / "out"), "--no-progress"],
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(tmp_path / "out" / "results.json") as f:
+    results = json.load(f)
+  assert results["n"] == 2 and results["ttft_p50"] > 0

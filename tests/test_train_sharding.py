@@ -51,6 +51,7 @@ def _worker():
     out["meshes"][name] = {
         "loss": loss,
         "max_param_diff": max(jax.tree.leaves(diffs)),
+        "worst": jax.tree_util.keystr(max(jax.tree_util.tree_flatten_with_path(diffs)[0], key=lambda kv: kv[1])[0]),
         "moved": float(np.max(np.abs(np.asarray(ref.params["llm"]["embed_tokens"]["embedding"])
                                      - params["llm"]["embed_tokens"]["embedding"]))),
         "frozen_identical": all(np.array_equal(a, b) for a, b in zip(

@@ -14,13 +14,16 @@ wins when both fall on the same step).
 Batches (numpy, static shapes, RIGHT padding with the tokenizer's pad id):
   input_ids [B, L] int32, loss_mask [B, L] bool, attention_mask [B, L] int32 (1 = real token),
   positions [B, L] int32 (0..n-1 on real tokens, 0 on padding), pixel_values [B, V, S, S, 3]
-  float32, cnn_pixel_values [B, C, C, 3] float32, has_image [B] bool (text rows: zero images).
+  float32, cnn_pixel_values [B, C, C, 3] float32, has_image [B] bool (text rows: zero images),
+  example_key [B] int32 (a hash of the record's source and id, 0 on empty rows: NEFTune's noise
+  key, so a record's noise does not depend on which process or batch row it lands in).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -88,6 +91,11 @@ class TooManyBadRecords(RuntimeError):
 
 # ------------------------------------------------------------------------------------------
 # Per-record transform (runs in the worker processes).
+
+def example_key(source: str, rid: str) -> int:
+  """A stable non-negative int32 per record (crc32 of source and id), the same on every process."""
+  return zlib.crc32(f"{source}\x00{rid}".encode()) & 0x7FFFFFFF
+
 
 def _bad(rid: str, source: str, reason: str, detail: str) -> dict:
   return {"bad": reason, "id": rid, "source": source, "detail": detail}
@@ -288,8 +296,10 @@ class Pipeline(grain.DatasetIterator):
         "pixel_values": np.zeros((b, v, s, s, 3), np.float32),
         "cnn_pixel_values": np.zeros((b, c, c, 3), np.float32),
         "has_image": np.zeros((b,), bool),
+        "example_key": np.zeros((b,), np.int32),
     }
     for i, ex in enumerate(rows):
+      batch["example_key"][i] = example_key(ex["source"], ex["id"])
       n = len(ex["input_ids"])
       batch["input_ids"][i, :n] = ex["input_ids"]
       batch["loss_mask"][i, :n] = ex["loss_mask"]

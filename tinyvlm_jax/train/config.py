@@ -52,6 +52,8 @@ def stage_config() -> ml_collections.ConfigDict:
   c.frozen = ()                         # regexes of parameter paths kept fixed inside trainable modules
   # Multiplier on the stage's LR per module (a module absent from the model is ignored at 1.0).
   c.lr_mults = ml_collections.ConfigDict({m: 1.0 for m in MODULES})
+  # Steps over which a module's LR ramps up from 0 (on top of the schedule); 0: none.
+  c.lr_warmup = ml_collections.ConfigDict({m: 0 for m in MODULES})
   c.total_steps = 1000
   c.global_batch_size = 16              # over all hosts and micro-batches
   c.grad_accum_steps = 1

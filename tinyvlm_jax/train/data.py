@@ -105,3 +105,54 @@ def make_pipeline(cfg, model_cfg: TinyVLMConfig) -> pipeline_lib.Pipeline:
       text_every=data.text_every, math_every=data.math_every, tokenizer_path=data.tokenizer_path or None)
   return pipeline_lib.Pipeline(sources, model_cfg=model_cfg, config=pcfg, weights=weights if len(names) > 1 else None,
                                text_source=text, math_source=math)
+
+
+class Prefetcher:
+  """Reads the next batches in a background thread while the device computes.
+
+  Each batch comes with the pipeline's state right after it was read, so a checkpoint
+  taken after training on batch N records exactly "N batches consumed", whatever has been
+  read ahead. `get_state()` returns that state for the batch last handed out.
+  """
+
+  def __init__(self, pipeline, depth: int = 2):
+    import queue  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self.pipeline = pipeline
+    self._state = pipeline.get_state()
+    self._queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+    self._thread.start()
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (next(self.pipeline), self.pipeline.get_state(), None)
+      except BaseException as e:  # pylint: disable=broad-except  (StopIteration and errors go to the reader)
+        item = (None, None, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except Exception:  # queue.Full
+          continue
+      if item[2] is not None:
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch, state, error = self._queue.get()
+    if error is not None:
+      raise error
+    self._state = state
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=30)

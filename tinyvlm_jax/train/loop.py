@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "positions", "pixel_values", "cnn_pixel_values",
-              "has_image")
+              "has_image", "example_key")
 # Fault injection for the tests: "sigterm_after_step:N", "kill_after_commit:N", "kill_during_save:N",
 # "nan_batch_at_step:N" (the images of batch N become NaN).
 FAULT_ENV = "TINYVLM_FAULT"
@@ -222,11 +222,18 @@ def train_stage(cfg, workdir: str, *, log: Callable[[str], None] | None = None, 
   _check_batch(cfg, mesh)
   shapes = param_shapes(model_cfg)
   trainable = tuple(cfg.trainable)
+  if "cnn" in trainable and model_cfg.use_cnn and mesh.shape.get("tensor", 1) > 1:
+    # Measured (tests/test_train_sharding.py's step, jax 0.10.2, XLA:CPU): with a tensor axis the
+    # SPMD partitioner returned wrong ConvNeXt depthwise-filter gradients (the size of the
+    # gradient itself), whatever the CNN's parameter and input shardings; data/fsdp meshes are exact.
+    raise ValueError(f"{cfg.stage}: training the CNN on a mesh with tensor={mesh.shape['tensor']} gives wrong "
+                     "depthwise-convolution gradients (XLA SPMD); use --config.mesh.tensor=1 (data/fsdp only) "
+                     "for this stage")
   schedule = optim_lib.make_schedule(cfg.schedule.kind, cfg.schedule.lr_max, cfg.schedule.lr_min, cfg.total_steps,
                                      cfg.schedule.warmup_steps)
   frozen = tuple(cfg.frozen)
   tx = optim_lib.make_optimizer(shapes, trainable=trainable, frozen=frozen, schedule=schedule,
-                                lr_mults=cfg.lr_mults.to_dict(),
+                                lr_mults=cfg.lr_mults.to_dict(), lr_warmup=cfg.lr_warmup.to_dict(),
                                 b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
                                 weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm)
   specs = shd.param_specs(shapes, [tuple(r) for r in cfg.partition_rules], mesh,
@@ -252,10 +259,12 @@ def train_stage(cfg, workdir: str, *, log: Callable[[str], None] | None = None, 
     tokenizer_src = _tokenizer_note(stage_dir)
   else:
     params, tokenizer_src = initial_params(cfg, model_cfg, log)
+    tokenizer_src = _data_tokenizer_folder(cfg) or tokenizer_src  # the tokenizer the data was encoded with
     state = step_lib.create_sharded_state(params, tx, cfg.seed, shardings)
     del params
     _write_tokenizer_note(stage_dir, tokenizer_src)
   step = int(state.step)
+  reader = data_lib.Prefetcher(pipeline)  # started after the restore: its first batch is step+1's
 
   train_shapes, _ = optim_lib.split_trainable(shapes, optim_lib.param_labels(shapes, trainable, frozen))
   n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(train_shapes))
@@ -275,7 +284,7 @@ def train_stage(cfg, workdir: str, *, log: Callable[[str], None] | None = None, 
     with StopFlag() as stop:
       t_prev = time.perf_counter()
       while step < cfg.total_steps:
-        batch = _model_batch(next(pipeline), model_cfg)
+        batch = _model_batch(next(reader), model_cfg)
         _check_targets(batch, cfg.loss.max_targets, step + 1)
         if _fault("nan_batch_at_step", step + 1):
           batch["pixel_values"] = np.full_like(batch["pixel_values"], np.nan)
@@ -309,7 +318,7 @@ def train_stage(cfg, workdir: str, *, log: Callable[[str], None] | None = None, 
         if _fault("sigterm_after_step", step):
           os.kill(os.getpid(), signal.SIGTERM)
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.total_steps:
-          checkpointer.save(step, state, pipeline)
+          checkpointer.save(step, state, reader)
           last_saved = step
           if _fault("kill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -318,13 +327,14 @@ def train_stage(cfg, workdir: str, *, log: Callable[[str], None] | None = None, 
             os.kill(os.getpid(), signal.SIGKILL)
         if stop.requested():
           if last_saved != step:
-            checkpointer.save(step, state, pipeline, force=True)
+            checkpointer.save(step, state, reader, force=True)
           checkpointer.wait()
           raise Preempted(f"{cfg.stage}: stopped by {stop.signal_name or 'another process'} at step {step}; "
                           f"checkpoint saved in {ckpt_dir}. Run the same command to resume.")
       checkpointer.wait()
   finally:
     writer.close()
+    reader.close()
     pipeline.close()
     checkpointer.close()
 
@@ -333,7 +343,7 @@ def train_stage(cfg, workdir: str, *, log: Callable[[str], None] | None = None, 
   if jax.process_index() == 0:
     metrics_lib.plot_loss_curves([(cfg.stage, metrics_lib.read_metrics(writer.path))],
                                  os.path.join(stage_dir, metrics_lib.CURVE_FILE))
-  stats = pipeline.stats()
+  stats = reader.get_state()  # as of the last batch trained on (the reader may have read ahead)
   log(f"{cfg.stage}: done at step {step}; model in {export_dir}; records seen {stats['seen']}, bad {stats['bad']}")
   params = jax.device_get(state.params) if jax.process_count() == 1 else state.params
   return StageResult(cfg.stage, stage_dir, params, export_cfg, step, time.perf_counter() - start_time)
@@ -374,6 +384,15 @@ def write_fingerprint(folder: str, params) -> str:
 
 
 _TOKENIZER_NOTE = "tokenizer_source.txt"
+
+
+def _data_tokenizer_folder(cfg) -> str | None:
+  """The folder of data.tokenizer_path when it holds tokenizer files (the exported model ships them)."""
+  path = cfg.data.tokenizer_path
+  if not path:
+    return None
+  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  return folder if model_io.tokenizer_files(folder) else None
 
 
 def _write_tokenizer_note(stage_dir: str, src: str | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -67,19 +68,29 @@ def merge(a: dict, b: dict) -> dict:
 
 
 def make_optimizer(params, *, trainable: Sequence[str], schedule: optax.Schedule, frozen: Sequence[str] = (),
-                   lr_mults: Mapping[str, float] | None = None, b1: float = 0.9, b2: float = 0.999,
+                   lr_mults: Mapping[str, float] | None = None, lr_warmup: Mapping[str, int] | None = None,
+                   b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float = 1.0
                    ) -> optax.GradientTransformation:
-  """clip_by_global_norm -> per-module AdamW(schedule * lr_mult); frozen leaves set to zero."""
+  """clip_by_global_norm -> per-module AdamW(schedule * lr_mult * warmup); frozen leaves set to zero.
+
+  lr_warmup[module] = N ramps that module's LR linearly from 0 over its first N steps (on top
+  of the stage schedule), e.g. to hold a tower still while the rest of the model settles.
+  """
   lr_mults = dict(lr_mults or {})
   unknown = sorted(k for k, m in lr_mults.items() if k not in params and float(m) != 1.0)
   if unknown:
     raise ValueError(f"lr_mults names module(s) {unknown} that are not in the model ({sorted(params)})")
   labels = param_labels(params, trainable, frozen)
   transforms = {"frozen": optax.set_to_zero()}
+  lr_warmup = {k: int(v) for k, v in (lr_warmup or {}).items() if int(v) > 0}
   for name in trainable:
     mult = float(lr_mults.get(name, 1.0))
-    lr = schedule if mult == 1.0 else (lambda step, m=mult: schedule(step) * m)
+    warm = lr_warmup.get(name, 0)
+    if mult == 1.0 and not warm:
+      lr = schedule
+    else:
+      lr = (lambda step, m=mult, w=warm: schedule(step) * m * (jnp.minimum(1.0, step / w) if w else 1.0))
     transforms[name] = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm and clip_norm > 0 else []
   return optax.chain(*chain, optax.multi_transform(transforms, labels))

@@ -102,7 +102,10 @@ def make_train_step(model: TinyVLM, tx: optax.GradientTransformation, cfg: StepC
     train_params, frozen = optim_lib.split_trainable(state.params, labels)
     rng = jax.random.fold_in(state.rng, state.step)
     k = cfg.grad_accum_steps
-    rows = jnp.arange(batch["input_ids"].shape[0], dtype=jnp.int32)  # global row index: NEFTune's key
+    # NEFTune's per-row key: the record's own key from the pipeline (the same whichever process
+    # or row it lands in), else the global row index.
+    rows = batch.get("example_key", jnp.arange(batch["input_ids"].shape[0], dtype=jnp.int32))
+    batch = {key: x for key, x in batch.items() if key != "example_key"}
     micro = {key: _split_micro(x, k) for key, x in {**batch, "row_ids": rows}.items()}
 
     def body(carry, mb):

@@ -81,7 +81,7 @@ def tiny_stage_config(data_json: str, tokenizer_path: str, *, total_steps: int =
   c.model.use_cnn = False
   c.compute_dtype = "float32"
   c.init.params = "random"
-  c.trainable = ("vision", "pooler", "connector", "llm")
+  c.trainable = ("pooler", "connector", "llm")  # the vision tower stays frozen
   c.total_steps = total_steps
   c.global_batch_size = batch
   # Warmup then constant: the compiled step does not depend on total_steps, so runs of 3 and
