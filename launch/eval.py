@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a benchmark (EVAL.md): VQAv2, TextVQA, POPE, MMMU or RealWorldQA.
 
   python launch/eval.py --checkpoint DIR --benchmark vqav2|textvqa|pope|mmmu|realworldqa --data PATH
-      [--limit N] [--batch-size 8] --out DIR [--no-progress]
+      [--limit N] [--batch-size 8] --out DIR [--no-progress] [--quantize none|int8|int4]
 
 --data: the benchmark's parquet file (or a folder of parquet shards) in the layout EVAL.md lists, or a
 JSONL file with an image path column. Writes OUT/results.json and OUT/predictions.jsonl; rerunning
@@ -30,12 +30,17 @@ def main(argv=None) -> int:
   p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
   p.add_argument("--out", required=True, help="output folder for results.json and predictions.jsonl")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--quantize", default="none", metavar="MODE",
+                 help="weight-only quantization of the LLM and vision tower: none (default), int8, int4 "
+                      "(group 128), int4_g64, int4_g32")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  from tinyvlm_jax.cpu_runtime import keep_freed_memory
   from tinyvlm_jax.eval.runner import run
+  keep_freed_memory()  # CPU: freed buffers stay mapped instead of page-faulting back at every batch
   try:
     results = run(args.checkpoint, args.benchmark, args.data, args.out, limit=args.limit,
-                  batch_size=args.batch_size, progress=not args.no_progress)
+                  batch_size=args.batch_size, progress=not args.no_progress, quantize=args.quantize)
   except (FileNotFoundError, ValueError, KeyError) as e:  # a user's path or file: one line, exit 2
     print(f"error: {e}", file=sys.stderr)
     return 2

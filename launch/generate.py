@@ -2,10 +2,13 @@
 
   python launch/generate.py --checkpoint DIR --image PATH --prompt TEXT
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1.0] [--seed 0] [--backend jax|torch]
+      [--quantize none|int8|int4]
 
 --checkpoint: for the jax backend a model folder (launch/train.py's workdir or a folder inside it,
 convert/hf_to_jax.py's output); for the torch backend an export of convert/jax_to_torch.py (no JAX
-needed). Time to first token and decode speed go to stderr.
+needed). --quantize: weight-only int8/int4 LLM and vision tower (jax backend). Time to first token
+and decode speed go to stderr. CPU setting: glibc keeps freed memory mapped
+(`tinyvlm_jax.cpu_runtime.keep_freed_memory`), so each call does not page-fault its buffers again.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ def parse_args(argv=None):
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
   p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
   p.add_argument("--backend", choices=("jax", "torch"), default="jax", help="jax (default) or torch")
+  p.add_argument("--quantize", default="none", metavar="MODE",
+                 help="weight-only quantization of the LLM and vision tower: none (default), int8, int4 "
+                      "(group 128), int4_g64, int4_g32; jax backend")
   return p.parse_args(argv)
 
 
@@ -66,10 +72,9 @@ def _inputs(args, config, tokenizer):
 def run_jax(args) -> tuple[float, int, float]:
   import jax
   from tinyvlm_jax.generate import Sampling, VLMGenerator
-  from tinyvlm_jax.model_io import load_model
-  from tinyvlm_jax.serving import find_model_dir, load_model_tokenizer
+  from tinyvlm_jax.serving import find_model_dir, load_for_inference, load_model_tokenizer
   model_dir = find_model_dir(args.checkpoint)
-  config, params = load_model(model_dir)
+  config, params = load_for_inference(model_dir, args.quantize)
   tokenizer = load_model_tokenizer(model_dir)
   ids, pixels, cnn = _inputs(args, config, tokenizer)
   gen = VLMGenerator(config, params, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
@@ -117,7 +122,12 @@ def run_torch(args) -> tuple[float, int, float]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  from tinyvlm_jax.cpu_runtime import keep_freed_memory
   from tinyvlm_jax.data.images import ImageError
+  if args.backend == "torch" and args.quantize != "none":
+    print("error: --quantize applies to the jax backend only", file=sys.stderr)
+    return 2
+  keep_freed_memory()
   try:
     ttft, n, total = (run_jax if args.backend == "jax" else run_torch)(args)
   except (ImageError, FileNotFoundError, ValueError) as e:  # the user's input: one line, exit 2

@@ -105,10 +105,14 @@ def test_eval_cli_and_generate_cli(model_dir, tmp_path):
   img = tmp_path / "x.png"
   img.write_bytes(_png(5)["bytes"])
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch/generate.py"), "--checkpoint", model_dir,
-                      "--image", str(img), "--prompt", "What is this?", "--max-new-tokens", "5"],
+                      "--image", str(img), "--prompt", "What is this?", "--max-new-tokens", "5", "--quantize", "int8"],
                      capture_output=True, text=True, env=env)
   assert r.returncode == 0, r.stderr
   assert "TTFT" in r.stderr and "tokens/s" in r.stderr
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch/eval.py"), "--checkpoint", model_dir,
+                      "--benchmark", "pope", "--data", str(data), "--out", str(tmp_path / "o3"), "--quantize", "int3"],
+                     capture_output=True, text=True, env=env)
+  assert r.returncode == 2 and "int3" in r.stderr and "Traceback" not in r.stderr
   # a user's mistake is one line and exit code 2
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch/eval.py"), "--checkpoint", str(tmp_path),
                       "--benchmark", "pope", "--data", str(data), "--out", str(tmp_path / "o2")],

@@ -42,3 +42,15 @@ def load_model_tokenizer(model_dir: str):
   from tinyvlm_jax.data.tokenizer import load_tokenizer
   tok_dir = os.path.join(model_dir, TOKENIZER_DIR)
   return load_tokenizer(tok_dir if os.path.isdir(tok_dir) and os.listdir(tok_dir) else None)
+
+
+def load_for_inference(model_dir: str, quantize: str = "none"):
+  """(config, params) of a model folder, weight-quantized (`tinyvlm_jax.quantize`: none, int8, int4)
+  and placed on the default device once (not converted from numpy at every call)."""
+  import jax
+  from tinyvlm_jax.model_io import load_model
+  from tinyvlm_jax.quantize import parse_mode, quantize_params, quantized_config
+  parse_mode(quantize)  # a bad mode fails before the weights are read
+  config, params = load_model(model_dir)
+  params = quantize_params(params, config, quantize)
+  return quantized_config(config, quantize), jax.device_put(params)
