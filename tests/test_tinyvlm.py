@@ -44,12 +44,14 @@ def test_variants_produce_the_configured_visual_tokens(variant):
   params = init_params(cfg, jax.random.key(0))
   inputs = dummy_inputs(cfg, batch=2)
   model = TinyVLM(cfg)
-  visual = model.apply({"params": params}, inputs["pixel_values"], inputs["cnn_pixel_values"],
-                       method="encode_images")
+  # Shapes first (no compute), then one compiled forward (op-by-op it took ~20 s per variant).
+  visual = jax.eval_shape(lambda p: model.apply({"params": p}, inputs["pixel_values"], inputs["cnn_pixel_values"],
+                                                method="encode_images"), params)
   assert visual.shape == (2, cfg.num_visual_tokens, cfg.llm.hidden_size)
   ids = inputs["input_ids"].at[:, 2:2 + cfg.num_visual_tokens].set(cfg.image_token_id)
-  logits, _ = model.apply({"params": params}, ids, inputs["pixel_values"], inputs["cnn_pixel_values"],
-                          positions=inputs["positions"], attention_mask=inputs["attention_mask"])
+  logits, _ = jax.jit(lambda p: model.apply({"params": p}, ids, inputs["pixel_values"], inputs["cnn_pixel_values"],
+                                            positions=inputs["positions"],
+                                            attention_mask=inputs["attention_mask"]))(params)
   assert logits.shape == ids.shape + (cfg.llm.vocab_size,)
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -62,7 +64,8 @@ def test_logits_depend_on_every_view_and_the_cnn_image():
   px = jnp.asarray(rng.uniform(-1, 1, (1, cfg.num_views, cfg.vision.image_size, cfg.vision.image_size, 3)),
                    jnp.float32)
   cnn = jnp.asarray(rng.normal(size=(1, cfg.cnn.image_size, cfg.cnn.image_size, 3)), jnp.float32)
-  encode = lambda p, c: np.asarray(model.apply({"params": params}, p, c, method="encode_images"))
+  encode_fn = jax.jit(lambda p, c: model.apply({"params": params}, p, c, method="encode_images"))
+  encode = lambda p, c: np.asarray(encode_fn(p, c))
   base = encode(px, cnn)
   per_view = cfg.tokens_per_view
   for view in range(cfg.num_views):

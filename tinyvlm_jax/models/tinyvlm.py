@@ -113,13 +113,21 @@ def dummy_inputs(config: TinyVLMConfig, batch: int = 1, seq_len: int | None = No
   )
 
 
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def init_params(config: TinyVLMConfig, rng: jax.Array):
   """Random parameters for the whole model (heads as DESIGN 1 says: pooler = 2x2 average at init)."""
   inputs = dummy_inputs(config, seq_len=8)
   # Jitted, with an "rbg" key derived from `rng`: eager init dispatches thousands of small ops, and
   # XLA:CPU compiles threefry truncated-normal draws for ~100 tensors 5x slower than rbg ones.
   key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
-  return jax.jit(lambda k, x: TinyVLM(config).init(k, **x)["params"])(key, inputs)
+  init = jax.jit(lambda k, x: TinyVLM(config).init(k, **x)["params"])
+  if isinstance(key, jax.core.Tracer):  # inside a trace (param_shapes' eval_shape): nothing is compiled
+    return init(key, inputs)
+  # Runs once: compiled without XLA's backend optimisations, which halves its compile time
+  # (15.6 s -> 8.4 s for the "tiny" preset on a loaded 2-core CPU); values agree to 1 ulp.
+  return init.lower(key, inputs).compile(_FAST_COMPILE)(key, inputs)
 
 
 def param_shapes(config: TinyVLMConfig):
