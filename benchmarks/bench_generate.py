@@ -43,13 +43,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from tinyvlm_jax.cpu_runtime import RssSampler, lifetime_peak_rss  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 
@@ -101,33 +102,6 @@ def random_params(config, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------------------------------
 # Child processes: one backend and variant each; print one JSON line.
-
-class RssSampler:
-  """Peak RSS of this process while active (sampled every 10 ms)."""
-
-  def __init__(self):
-    import psutil
-    self._proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self):
-    while not self._stop.is_set():
-      self.peak = max(self.peak, self._proc.memory_info().rss)
-      time.sleep(0.01)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-
-
-def lifetime_peak_rss() -> int:
-  import resource
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 def median_runs(runs: list[dict]) -> dict:
   return {k: float(np.median([r[k] for r in runs])) for k in runs[0]}

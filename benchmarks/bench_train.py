@@ -67,7 +67,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -75,6 +74,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+from tinyvlm_jax.cpu_runtime import RssSampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "stage2.py")
 MIN_TEXT_TOKENS = 3  # a row needs a few text tokens around the image (testing.random_batch)
@@ -143,35 +144,6 @@ def full_batch(model_cfg, batch: int, seq_len: int, seed: int = 0) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------
 # Child process: one (remat, dtype) configuration.
-
-class RssSampler:
-  """Peak RSS of this process while active (sampled every 10 ms from /proc/self/statm)."""
-
-  def __init__(self):
-    self.peak, self._stop = 0, threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-    self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-  def _rss(self) -> int:
-    try:
-      with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * self._page
-    except OSError:
-      return 0
-
-  def _run(self):
-    while not self._stop.is_set():
-      self.peak = max(self.peak, self._rss())
-      time.sleep(0.01)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-
 
 def device_info() -> dict:
   import jax

@@ -1,4 +1,4 @@
-"""Process settings for CPU inference: keep freed memory mapped.
+"""Process settings for CPU inference (keep freed memory mapped) and memory measurement (RssSampler).
 
 XLA and PyTorch allocate each run's large buffers with malloc. glibc serves blocks above
 32 MB with a fresh mmap and unmaps them when freed, so every call (an image encoding, a
@@ -35,3 +35,36 @@ def keep_freed_memory() -> bool:
   except (OSError, AttributeError):
     return False
   return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class RssSampler:
+  """Peak resident memory of this process while the `with` block runs (psutil, every 10 ms).
+
+  `lifetime_peak_rss()` is the peak over the process's whole life instead (getrusage).
+  """
+
+  def __init__(self, interval_s: float = 0.01):
+    import threading  # pylint: disable=g-import-not-at-top
+    import psutil  # pylint: disable=g-import-not-at-top
+    self.peak, self._interval = 0, interval_s
+    self._proc, self._stop = psutil.Process(), threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      self.peak = max(self.peak, self._proc.memory_info().rss)
+      self._stop.wait(self._interval)
+
+  def __enter__(self) -> "RssSampler":
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
+def lifetime_peak_rss() -> int:
+  """Bytes: the largest resident set this process has had (Linux reports ru_maxrss in KiB)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
