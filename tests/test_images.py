@@ -204,3 +204,20 @@ def test_errors_name_the_source_and_reason(tmp_path, monkeypatch):
   # PIL's own guard (above 2 x MAX_IMAGE_PIXELS) maps to the same reason
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
   assert reason(png)[0] == "image_too_large"
+
+
+def test_uint8_views_normalise_to_preprocess_bit_for_bit():
+  """Data workers send uint8 views; the table lookup in normalize_* gives preprocess's exact bits."""
+  image = load_image(os.path.join(SKIMAGE_DATA, "coffee.png"), max_pixels=MAX_PIXELS)
+  cfg = model_config("tinyvlm_0p6b")
+  raw = images.preprocess_uint8(image, cfg)
+  assert raw["pixel_values"].dtype == np.uint8 and raw["cnn_pixel_values"].dtype == np.uint8
+  out = preprocess(image, cfg)
+  np.testing.assert_array_equal(images.normalize_vit(raw["pixel_values"]), out["pixel_values"])
+  np.testing.assert_array_equal(images.normalize_cnn(raw["cnn_pixel_values"]), out["cnn_pixel_values"])
+  # the table equals transformers' arithmetic on every value: float64 * (1/255) -> float32, then (x - mean) / std
+  levels = np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1)
+  direct = ((levels.astype(np.float64) * (1 / 255)).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
+  np.testing.assert_array_equal(images.normalize_vit(levels), direct)
+  with pytest.raises(ValueError, match="uint8"):
+    images.normalize_vit(levels.astype(np.float32))

@@ -215,10 +215,44 @@ def _resize(image: Image.Image, size: int) -> np.ndarray:
   return np.asarray(image.resize((size, size), resample=Image.Resampling.BICUBIC))
 
 
-def _normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 -> float32, in transformers' order: float64 * (1/255), cast to float32, then (x - mean) / std."""
-  x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+def _normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float], out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 -> float32, in transformers' order: float64 * (1/255), cast to float32, then (x - mean) / std.
+
+  Elementwise on 256 possible values per channel, so it is a table lookup with the same bits
+  as the arithmetic on the whole array (one gather when the channels share mean and std, as
+  SigLIP's do: about 2x faster).
+  """
+  channels = len(mean)
+  if x.dtype != np.uint8 or x.shape[-1] != channels:
+    raise ValueError(f"expected uint8 [..., {channels}] pixels, got {x.dtype} {x.shape}")
+  levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]  # [256, 1]
+  table = (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # [256, C]
+  if out is None:
+    out = np.empty(x.shape, np.float32)
+  if (table == table[:, :1]).all():
+    return np.take(table[:, 0], x, out=out)
+  for c in range(channels):
+    out[..., c] = table[:, c][x[..., c]]
+  return out
+
+
+def normalize_vit(views: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 SigLIP views (from `preprocess_uint8`) -> the float32 model input (written into `out` if given)."""
+  return _normalize(views, SIGLIP_MEAN, SIGLIP_STD, out)
+
+
+def normalize_cnn(view: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 CNN view (from `preprocess_uint8`) -> the float32 model input (written into `out` if given)."""
+  return _normalize(view, IMAGENET_MEAN, IMAGENET_STD, out)
+
+
+def _vit_views_uint8(image: Image.Image, image_size: int, zoom: bool) -> np.ndarray:
+  s = image_size
+  views = [_resize(image, s)]
+  if zoom:
+    big = _resize(image, 2 * s)  # [2S, 2S, 3]
+    views += [big[:s, :s], big[:s, s:], big[s:, :s], big[s:, s:]]
+  return np.stack(views)  # [V, S, S, 3] uint8
 
 
 def vit_views(image: Image.Image | np.ndarray, *, image_size: int, zoom: bool,
@@ -227,13 +261,7 @@ def vit_views(image: Image.Image | np.ndarray, *, image_size: int, zoom: bool,
 
   Returns float32 [V, image_size, image_size, 3], V = 5 with zoom, else 1.
   """
-  image = _as_pil(image)
-  s = image_size
-  views = [_resize(image, s)]
-  if zoom:
-    big = _resize(image, 2 * s)  # [2S, 2S, 3]
-    views += [big[:s, :s], big[:s, s:], big[s:, :s], big[s:, s:]]
-  return _normalize(np.stack(views), mean, std)  # [V, S, S, 3]
+  return _normalize(_vit_views_uint8(_as_pil(image), image_size, zoom), mean, std)
 
 
 def cnn_view(image: Image.Image | np.ndarray, *, image_size: int,
@@ -242,9 +270,19 @@ def cnn_view(image: Image.Image | np.ndarray, *, image_size: int,
   return _normalize(_resize(_as_pil(image), image_size), mean, std)
 
 
-def preprocess(image: Image.Image | np.ndarray, cfg: TinyVLMConfig) -> dict[str, np.ndarray]:
-  """One RGB image -> {"pixel_values": [V, S, S, 3], "cnn_pixel_values": [C, C, 3]} for the model `cfg`."""
+def preprocess_uint8(image: Image.Image | np.ndarray, cfg: TinyVLMConfig) -> dict[str, np.ndarray]:
+  """`preprocess` before normalisation: uint8 views, a quarter of the bytes (what data workers send).
+
+  `normalize_vit` / `normalize_cnn` of these equal `preprocess` bit for bit.
+  """
+  image = _as_pil(image)
   return {
-      "pixel_values": vit_views(image, image_size=cfg.vision.image_size, zoom=cfg.zoom),
-      "cnn_pixel_values": cnn_view(image, image_size=cfg.cnn.image_size),
+      "pixel_values": _vit_views_uint8(image, cfg.vision.image_size, cfg.zoom),
+      "cnn_pixel_values": _resize(image, cfg.cnn.image_size),
   }
+
+
+def preprocess(image: Image.Image | np.ndarray, cfg: TinyVLMConfig) -> dict[str, np.ndarray]:
+  """One RGB image -> {"pixel_values": [V, S, S, 3], "cnn_pixel_values": [C, C, 3]} float32 for the model `cfg`."""
+  raw = preprocess_uint8(image, cfg)
+  return {"pixel_values": normalize_vit(raw["pixel_values"]), "cnn_pixel_values": normalize_cnn(raw["cnn_pixel_values"])}

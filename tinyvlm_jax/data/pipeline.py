@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from tinyvlm_jax import cpu_runtime
 from tinyvlm_jax.data import chat
 from tinyvlm_jax.data import images
 from tinyvlm_jax.data import readers
@@ -102,7 +103,7 @@ def _bad(rid: str, source: str, reason: str, detail: str) -> dict:
 
 
 class EncodeExample(grain.transforms.Map):
-  """Record -> {id, source, input_ids [n], loss_mask [n], (pixel_values, cnn_pixel_values)} or a bad marker."""
+  """Record -> {id, source, input_ids [n], loss_mask [n], (uint8 pixel_values, cnn_pixel_values)} or a bad marker."""
 
   def __init__(self, model_cfg: TinyVLMConfig, cfg: PipelineConfig):
     self.model_cfg = model_cfg
@@ -132,7 +133,9 @@ class EncodeExample(grain.transforms.Map):
         image = images.load_image(record["image"], max_pixels=cfg.max_pixels, name=rid)
       except images.ImageError as e:
         return _bad(rid, source, e.reason, str(e))
-      out.update(images.preprocess(image, self.model_cfg))  # pixel_values [V, S, S, 3], cnn_pixel_values [C, C, 3]
+      # uint8 pixel_values [V, S, S, 3] and cnn_pixel_values [C, C, 3]: a quarter of float32's bytes
+      # between processes; the main process normalises them into the batch (_collate).
+      out.update(images.preprocess_uint8(image, self.model_cfg))
     return out
 
 
@@ -149,6 +152,13 @@ def _mark_flags_parsed() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """In each worker process: keep freed memory in the heap. Every example allocates megabytes of
+  views, which glibc would otherwise map and unmap each time (a third more worker CPU, in the kernel)."""
+  del worker_index, worker_count
+  cpu_runtime.keep_freed_memory()
 
 
 def _stream_dataset(sources: Sequence, weights: Sequence[float] | None, *, stream: str, num_epochs: int | None,
@@ -176,7 +186,8 @@ def _stream_dataset(sources: Sequence, weights: Sequence[float] | None, *, strea
   if cfg.worker_count > 0:
     _mark_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
-                                                     per_worker_buffer_size=cfg.worker_buffer_size))
+                                                     per_worker_buffer_size=cfg.worker_buffer_size),
+                         worker_init_fn=_init_worker)
   return it
 
 
@@ -293,8 +304,8 @@ class Pipeline(grain.DatasetIterator):
         "loss_mask": np.zeros((b, length), bool),
         "attention_mask": np.zeros((b, length), np.int32),
         "positions": np.zeros((b, length), np.int32),
-        "pixel_values": np.zeros((b, v, s, s, 3), np.float32),
-        "cnn_pixel_values": np.zeros((b, c, c, 3), np.float32),
+        "pixel_values": np.empty((b, v, s, s, 3), np.float32),  # every row is written below
+        "cnn_pixel_values": np.empty((b, c, c, 3), np.float32),
         "has_image": np.zeros((b,), bool),
         "example_key": np.zeros((b,), np.int32),
     }
@@ -306,9 +317,14 @@ class Pipeline(grain.DatasetIterator):
       batch["attention_mask"][i, :n] = 1
       batch["positions"][i, :n] = np.arange(n, dtype=np.int32)
       if "pixel_values" in ex:
-        batch["pixel_values"][i] = ex["pixel_values"]
-        batch["cnn_pixel_values"][i] = ex["cnn_pixel_values"]
+        images.normalize_vit(ex["pixel_values"], out=batch["pixel_values"][i])
+        images.normalize_cnn(ex["cnn_pixel_values"], out=batch["cnn_pixel_values"][i])
         batch["has_image"][i] = True
+      else:  # a text-only row: zero images
+        batch["pixel_values"][i] = 0
+        batch["cnn_pixel_values"][i] = 0
+    batch["pixel_values"][len(rows):] = 0  # empty rows at the end of the data
+    batch["cnn_pixel_values"][len(rows):] = 0
     if self.cfg.with_ids:
       batch["id"] = np.array([ex["id"] for ex in rows] + [""] * (b - len(rows)))
     return batch
