@@ -74,11 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   s2.init.params = "previous"
   s2.trainable = ("vision", "pooler", "connector", "llm")
   s2.total_steps = 900
-  s2.schedule = ml_collections.ConfigDict(dict(kind="linear", lr_max=3e-3, lr_min=0.0, warmup_steps=20))
-  # The vision path learns at a tenth of the LR: at the full LR, while the random LLM first
-  # learns the answer words, the connector's output collapses to one constant vector.
-  for module in ("vision", "pooler", "connector"):
-    s2.lr_mults[module] = 0.1
+  # One LR for everything, with a warm-up. Measured on stage 2 alone (600 steps from random weights):
+  # lr 1e-3 for all modules reached 0.63 (colour and position 1.0); lr 3e-3 with the vision path at
+  # 1x dropped to 0.44 (colour 0.59), and at 0.1x of 3e-3 the vision path learnt too slowly.
+  s2.schedule = ml_collections.ConfigDict(dict(kind="linear", lr_max=1e-3, lr_min=0.0, warmup_steps=50))
   s2.loss.neftune_alpha = NEFTUNE_ALPHA
 
   s3 = _stage("stage3", use_cnn=True)
