@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from tinyvlm_jax.train.testing import xla_flags
+
 SCRIPT = textwrap.dedent("""
     import json, os
     import jax, numpy as np
@@ -31,7 +33,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_generation_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from tinyvlm_jax.train.testing import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "launch", "train.py")
 STAGE = "tiny"
@@ -41,7 +43,7 @@ def setup(tmp_path_factory):
 
 
 def train(setup, workdir, *args, devices=1, fault=None, expect=0, timeout=420):
-  env = dict(setup["env"], XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(setup["env"], XLA_FLAGS=xla_flags(devices))
   if fault:
     env["TINYVLM_FAULT"] = fault
   cmd = [sys.executable, TRAIN, "--config", setup["config"], "--workdir", str(workdir), "--progress=false", *args]
@@ -165,7 +167,7 @@ def _free_port() -> int:
 def test_two_processes_match_one_process(setup, eight_devices):
   wd = setup["root"] / "two_processes"
   port = _free_port()
-  env = dict(setup["env"], XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(setup["env"], XLA_FLAGS=xla_flags(4))
   procs = [subprocess.Popen(
       [sys.executable, TRAIN, "--config", setup["config"], "--workdir", str(wd), "--progress=false",
        "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.total_steps=3",
@@ -202,7 +204,7 @@ def test_generate_and_eval_clis_on_a_trained_workdir(setup, straight, tmp_path):
   assert os.path.isfile(os.path.join(str(straight), STAGE, "model", "tokenizer", "tokenizer.json"))
   with open(os.path.join(setup["root"], "data", "train.json")) as f:
     image = os.path.join(setup["root"], "data", json.load(f)[0]["image"])
-  env = dict(setup["env"], XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(setup["env"], XLA_FLAGS=xla_flags(1))
   r = subprocess.run([sys.executable, os.path.join(REPO, "launch", "generate.py"), "--checkpoint", str(straight),
                       "--image", image, "--prompt", "What shape is in the image?", "--max-new-tokens", "4"],
                      env=env, capture_output=True, text=True, timeout=300)

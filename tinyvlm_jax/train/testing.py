@@ -36,11 +36,21 @@ def random_batch(config: TinyVLMConfig, batch: int, text_len: int = 24, *, seed:
   )
 
 
+# Tests compile many small programs and run each a few times: XLA:CPU's backend optimisations
+# cost more compile time than they save (tinyvlm_jax.models.tinyvlm compiles init_params so too).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(num_devices: int) -> str:
+  """XLA_FLAGS for a test subprocess: N fake CPU devices, fast compilation."""
+  return f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE_FLAGS}"
+
+
 def run_with_devices(args: list[str], num_devices: int, *, timeout: float = 600, extra_env=None,
                      check: bool = True) -> subprocess.CompletedProcess:
   """Runs `python ARGS` with N fake CPU devices (XLA_FLAGS set before jax is imported)."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["XLA_FLAGS"] = xla_flags(num_devices)
   env["JAX_PLATFORMS"] = "cpu"
   env.update(extra_env or {})
   proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
