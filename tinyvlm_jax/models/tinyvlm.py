@@ -113,7 +113,8 @@ def dummy_inputs(config: TinyVLMConfig, batch: int = 1, seq_len: int | None = No
   )
 
 
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# XLA:CPU compiler options for programs that run once or a few times (init here, test subprocesses).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def init_params(config: TinyVLMConfig, rng: jax.Array):
@@ -127,7 +128,7 @@ def init_params(config: TinyVLMConfig, rng: jax.Array):
     return init(key, inputs)
   # Runs once: compiled without XLA's backend optimisations, which halves its compile time
   # (15.6 s -> 8.4 s for the "tiny" preset on a loaded 2-core CPU); values agree to 1 ulp.
-  return init.lower(key, inputs).compile(_FAST_COMPILE)(key, inputs)
+  return init.lower(key, inputs).compile(FAST_COMPILE)(key, inputs)
 
 
 def param_shapes(config: TinyVLMConfig):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from tinyvlm_jax.models.config import TinyVLMConfig
+from tinyvlm_jax.models.tinyvlm import FAST_COMPILE
 
 
 def random_batch(config: TinyVLMConfig, batch: int, text_len: int = 24, *, seed: int = 0,
@@ -37,8 +38,8 @@ def random_batch(config: TinyVLMConfig, batch: int, text_len: int = 24, *, seed:
 
 
 # Tests compile many small programs and run each a few times: XLA:CPU's backend optimisations
-# cost more compile time than they save (tinyvlm_jax.models.tinyvlm compiles init_params so too).
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# cost more compile time than they save (init_params is compiled with the same options).
+FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
 
 
 def xla_flags(num_devices: int) -> str:
