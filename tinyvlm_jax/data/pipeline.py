@@ -304,8 +304,8 @@ class Pipeline(grain.DatasetIterator):
         "loss_mask": np.zeros((b, length), bool),
         "attention_mask": np.zeros((b, length), np.int32),
         "positions": np.zeros((b, length), np.int32),
-        "pixel_values": np.empty((b, v, s, s, 3), np.float32),  # every row is written below
-        "cnn_pixel_values": np.empty((b, c, c, 3), np.float32),
+        "pixel_values": np.zeros((b, v, s, s, 3), np.float32),  # text-only and empty rows: zero images
+        "cnn_pixel_values": np.zeros((b, c, c, 3), np.float32),
         "has_image": np.zeros((b,), bool),
         "example_key": np.zeros((b,), np.int32),
     }
@@ -320,11 +320,6 @@ class Pipeline(grain.DatasetIterator):
         images.normalize_vit(ex["pixel_values"], out=batch["pixel_values"][i])
         images.normalize_cnn(ex["cnn_pixel_values"], out=batch["cnn_pixel_values"][i])
         batch["has_image"][i] = True
-      else:  # a text-only row: zero images
-        batch["pixel_values"][i] = 0
-        batch["cnn_pixel_values"][i] = 0
-    batch["pixel_values"][len(rows):] = 0  # empty rows at the end of the data
-    batch["cnn_pixel_values"][len(rows):] = 0
     if self.cfg.with_ids:
       batch["id"] = np.array([ex["id"] for ex in rows] + [""] * (b - len(rows)))
     return batch
