@@ -238,3 +238,19 @@ def test_remat_keeps_logits_and_gradients(tied):
     diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max()),
                          base_grad, grad)
     assert max(jax.tree.leaves(diffs)) <= 1e-5, (remat, diffs)
+
+
+def test_initializer_range_sets_the_init_std_and_round_trips_through_transformers():
+  base = model_config("tiny").llm
+  assert base.initializer_range == 0.02  # transformers' Qwen2Config default
+  for std in (0.02, 0.1):
+    cfg = dataclasses.replace(base, initializer_range=std)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = Qwen2ForCausalLM(cfg).init(jax.random.PRNGKey(0), ids, positions=jnp.arange(4)[None],
+                                        attention_mask=jnp.ones((1, 4), jnp.int32))["params"]
+    for name in (("embed_tokens", "embedding"), ("layers_0", "mlp", "up_proj", "kernel")):
+      got = float(np.std(flatten(params)[name]))
+      assert abs(got / std - 1) < 0.05, (name, got, std)
+    hf_cfg = convert.to_hf_config(cfg)
+    assert hf_cfg.initializer_range == std
+    assert convert.config_from_hf(hf_cfg) == cfg

@@ -97,7 +97,7 @@ def to_hf_config(cfg: QwenConfig):
       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
       num_key_value_heads=cfg.num_key_value_heads, hidden_act=cfg.hidden_act,
       max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-      tie_word_embeddings=cfg.tie_word_embeddings,
+      tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range,
       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, use_sliding_window=False)
 
 
@@ -125,4 +125,5 @@ def config_from_hf(hf_config) -> QwenConfig:
       num_key_value_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
       rms_norm_eps=hf_config.rms_norm_eps, rope_theta=float(theta),
       tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-      max_position_embeddings=hf_config.max_position_embeddings, hidden_act=hf_config.hidden_act)
+      max_position_embeddings=hf_config.max_position_embeddings, hidden_act=hf_config.hidden_act,
+      initializer_range=float(getattr(hf_config, "initializer_range", 0.02)))

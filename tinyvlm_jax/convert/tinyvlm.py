@@ -313,7 +313,8 @@ _BACKBONES = {
     "convnext": (("convnextv2",), "embeddings.patch_embeddings.weight", convnext, "cnn"),
 }
 _CONFIG_FIELD = {"siglip": "vision", "qwen": "llm", "convnext": "cnn"}
-_NOT_ARCHITECTURE = ("dtype", "remat")  # our config's runtime fields, absent from transformers configs
+# Our config's runtime fields, absent from transformers configs, and the init scale (no bearing on a checkpoint).
+_NOT_ARCHITECTURE = ("dtype", "remat", "initializer_range")
 
 
 def backbone_config(folder, kind: str, want, preset: str = "preset"):

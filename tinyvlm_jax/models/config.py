@@ -64,6 +64,7 @@ class QwenConfig:
   tie_word_embeddings: bool = True
   max_position_embeddings: int = 32768
   hidden_act: str = "silu"
+  initializer_range: float = 0.02  # std of the normal init of every weight matrix and the embedding
   dtype: str = "float32"
   remat: str = "none"  # none | full | dots: rematerialisation of each decoder layer
   quantization: str = "none"  # none | int8 | int4 | int4_g{32,64,128}: weight-only (tinyvlm_jax.quantize)

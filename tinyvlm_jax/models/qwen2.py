@@ -59,7 +59,7 @@ def _dense(config: QwenConfig, features: int, *, use_bias: bool, name: str | Non
   if config.quantization != "none":
     return QuantDense(features, config.quantization, use_bias=use_bias, dtype=dtype, name=name)
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(0.02), name=name)
+                  kernel_init=nn.initializers.normal(config.initializer_range), name=name)
 
 
 def _rms_norm(config: QwenConfig, name: str) -> nn.RMSNorm:
@@ -218,7 +218,7 @@ class Qwen2ForCausalLM(nn.Module):
       self.embed_tokens = QuantEmbed(c.vocab_size, c.hidden_size, c.quantization, dtype=dtype)
     else:
       self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-                                   embedding_init=nn.initializers.normal(0.02))
+                                   embedding_init=nn.initializers.normal(c.initializer_range))
     layer = _layer_class(c.remat)
     self.layers = [layer(c) for _ in range(c.num_hidden_layers)]   # named layers_0 ... layers_{n-1}
     self.norm = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=dtype, param_dtype=jnp.float32)
