@@ -1,12 +1,9 @@
 """Data-parallel generation: a batch split over 4 fake CPU devices gives the single-device tokens."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
-from tinyvlm_jax.train.testing import xla_flags
+from tinyvlm_jax.train.testing import run_with_devices
 
 SCRIPT = textwrap.dedent("""
     import json, os
@@ -33,8 +30,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_generation_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+  r = run_with_devices(["-c", SCRIPT], 4, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["devices"] == 4

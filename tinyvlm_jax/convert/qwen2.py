@@ -126,4 +126,4 @@ def config_from_hf(hf_config) -> QwenConfig:
       rms_norm_eps=hf_config.rms_norm_eps, rope_theta=float(theta),
       tie_word_embeddings=bool(hf_config.tie_word_embeddings),
       max_position_embeddings=hf_config.max_position_embeddings, hidden_act=hf_config.hidden_act,
-      initializer_range=float(getattr(hf_config, "initializer_range", 0.02)))
+      initializer_range=float(hf_config.initializer_range))

@@ -2,8 +2,8 @@
 
 `load_image` turns a file, bytes or a file object into a checked RGB uint8 PIL image;
 `preprocess` turns that into the SigLIP views and the CNN view (`preprocess_uint8` stops before
-normalisation: data workers send those and `normalize_vit` / `normalize_cnn` finish the job). Resizing is PIL bicubic on
-uint8, then rescale by 1/255 and normalise, exactly as transformers'
+normalisation: data workers send those and `normalize_vit` / `normalize_cnn` finish the job).
+Resizing is PIL bicubic on uint8, then rescale by 1/255 and normalise, exactly as transformers'
 `SiglipImageProcessorPil` does it, so the global view is bit-identical to it.
 """
 
