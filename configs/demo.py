@@ -9,11 +9,13 @@ connector and LLM on the questions (answer-only loss, NEFTune), stage 3 adds the
 branch and a fresh fuser and trains everything; finally the held-out test split is
 answered greedily and WORKDIR/demo_results.json holds the exact-match accuracy.
 
-No pretrained weights exist offline, so stage 1 starts from RANDOM backbones (a real run
-starts from the converted SigLIP / Qwen2.5 / ConvNeXt-V2, configs/stage1.py), and stage 3's
-CNN is random too. The stages keep Table 8's pattern (what trains, schedule shapes, loss,
-NEFTune); steps, LRs, batch and sequence length are the demo's own, sized for a 2-core CPU
-in float32. Any field can be overridden, e.g. --config.stages.stage2.total_steps=100.
+No pretrained weights exist offline (a real run starts from the converted SigLIP / Qwen2.5 /
+ConvNeXt-V2, configs/stage1.py). In place of SigLIP's pretraining, the vision tower first learns
+the words of the train images' captions (caption-tag pretraining, tinyvlm_jax.train.vision_pretrain,
+`demo.vision_pretrain`), and stage 1 starts from it; the LLM and stage 3's CNN start random.
+The stages keep Table 8's pattern (what trains, schedule shapes, loss, NEFTune); steps, LRs,
+batch and sequence length are the demo's own, sized for a 2-core CPU in float32. Any field can
+be overridden, e.g. --config.stages.stage2.total_steps=100.
 """
 
 import ml_collections
@@ -57,14 +59,14 @@ def _stage(name: str, *, use_cnn: bool) -> ml_collections.ConfigDict:
       "synthetic_vqa": dict(kind="llava_json", path="{workdir}/data/train.json", image_root="", weight=1.0)})
   c.data.max_len = 128
   c.data.seed = 0
-  c.loss.max_targets = 2                      # answer word + <|im_end|>: the LM head runs on these rows only
+  c.loss.max_targets = 6                      # up to 3 one-word answers + <|im_end|> each: the LM head runs on these only
   c.log_every = 10
   return c
 
 
 def get_config() -> ml_collections.ConfigDict:
   s1 = _stage("stage1", use_cnn=False)
-  s1.init.params = "random"                   # no pretrained backbones offline (see above)
+  s1.init.params = "{workdir}/vision_pretrain"  # the caption-tag pretrained tower (see above)
   s1.trainable = ("pooler", "connector")
   s1.total_steps = 30
   s1.global_batch_size = 8
@@ -78,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   s2 = _stage("stage2", use_cnn=False)
   s2.init.params = "previous"
   s2.trainable = ("vision", "pooler", "connector", "llm")
-  s2.total_steps = 900
+  s2.total_steps = 500
   # One LR for everything, with a warm-up. Measured on stage 2 alone (600 steps from random weights):
   # lr 1e-3 for all modules reached 0.63 (colour and position 1.0); lr 3e-3 with the vision path at
   # 1x dropped to 0.44 (colour 0.59), and at 0.1x of 3e-3 the vision path learnt too slowly.
@@ -90,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   s3.init.cnn = "random"                      # no pretrained ConvNeXt offline
   s3.init.fresh = ("fuser",)
   s3.trainable = ("vision", "pooler", "connector", "llm", "cnn", "fuser")
-  s3.total_steps = 150
+  s3.total_steps = 30                         # enough to show the CNN and fuser train; each step costs 1.3x stage 2's
   s3.schedule = ml_collections.ConfigDict(dict(kind="constant", lr_max=3e-4, lr_min=3e-4, warmup_steps=0))
   for module in ("vision", "pooler", "connector"):
     s3.lr_mults[module] = 0.1
@@ -104,4 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.demo = ml_collections.ConfigDict(dict(
       data_dir="{workdir}/data", num_train=4000, num_test=500, image_size=64, seed=0,
       max_new_tokens=6, eval_batch_size=100))
+  # Caption-tag pretraining of the tower, into WORKDIR/vision_pretrain (stage 1's init.params): the
+  # global view only, as SigLIP is pretrained on whole images (5x cheaper than all 5 views; measured
+  # after 1000 steps in 90 s: held-out tag F1 0.95, against 0.94 for 600 steps of all views in 261 s).
+  c.demo.vision_pretrain = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, clip_norm=1.0, seed=0, global_view_only=True))
   return c

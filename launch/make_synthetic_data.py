@@ -1,6 +1,6 @@
 """Writes the synthetic shapes VQA set as LLaVA JSON + PNGs.
 
-  python launch/make_synthetic_data.py --out /tmp/synth --split train --n 4096 --seed 0
+  python launch/make_synthetic_data.py --out /tmp/synth --split train --n 4096 --seed 0 [--all-questions]
 """
 
 import argparse
@@ -17,8 +17,11 @@ def main(argv=None) -> str:
   parser.add_argument("--n", type=int, default=4096, help="number of examples")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--image-size", type=int, default=64)
+  parser.add_argument("--all-questions", action="store_true",
+                      help="every question an image answers, as turns of one conversation (the demo's train split)")
   args = parser.parse_args(argv)
-  path = synthetic.write_llava(args.out, args.split, args.n, args.seed, image_size=args.image_size)
+  path = synthetic.write_llava(args.out, args.split, args.n, args.seed, image_size=args.image_size,
+                               all_questions=args.all_questions)
   with open(path) as f:
     types = collections.Counter(row["type"] for row in json.load(f))
   print(f"wrote {sum(types.values())} {args.split} examples to {path}: {dict(sorted(types.items()))}")

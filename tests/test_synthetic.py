@@ -31,11 +31,13 @@ def _colour_name(rgb):
 def test_answers_are_correct_by_construction(size):
   examples = synthetic.generate_split("train", 150, seed=7, image_size=size)
   assert collections.Counter(ex["type"] for ex in examples) == {t: 30 for t in synthetic.TYPES}
-  words = collections.defaultdict(set)
+  words, offsets = collections.defaultdict(set), collections.defaultdict(set)
   for ex in examples:
     image, kind, answer = ex["image"], ex["type"], ex["answer"]
     assert image.shape == (size, size, 3) and image.dtype == np.uint8
-    assert ex["question"] == synthetic.QUESTIONS[kind]
+    assert ex["question"] == synthetic.QUESTIONS[kind] and (ex["question"], answer) in ex["qa"]
+    asked = {q for q, _ in ex["qa"]}
+    assert len(asked) == len(ex["qa"]) == (3 if kind in ("shape", "color", "position") else 1)
     fg = _foreground(image)
     colours = {tuple(c) for c in image[fg]}
     if kind in ("shape", "color", "position"):
@@ -50,6 +52,7 @@ def test_answers_are_correct_by_construction(size):
       assert max(abs(dx), abs(dy)) > 0.15 and max(abs(dx), abs(dy)) > 2 * min(abs(dx), abs(dy))  # clearly one side
       truth = {"shape": shape, "color": _colour_name(colour), "position": position}
       assert answer == truth[kind], (ex["id"], truth)
+      assert sorted(ex["qa"]) == sorted((synthetic.QUESTIONS[k], v) for k, v in truth.items())
       assert ex["caption"] == f"A {truth['color']} {shape} on the {position}."
     elif kind == "count":
       n = label(fg, connectivity=2).max()
@@ -60,9 +63,11 @@ def test_answers_are_correct_by_construction(size):
       assert answer in synthetic.WORDS and len(colours) == 1
       ys, xs = np.nonzero(fg)
       words[answer].add(fg[ys.min():ys.max() + 1, xs.min():xs.max() + 1].tobytes())
+      offsets[answer].add((xs.min() % (size // 8), ys.min() % (size // 8)))  # the word sits on the size/8 grid
       assert f'"{answer}"' in ex["caption"] and _colour_name(colours.pop()) in ex["caption"]
   # the same word always shows the same glyphs, different words different ones
   assert len(words) >= 5 and all(len(v) == 1 for v in words.values())
+  assert all(len(v) == 1 for v in offsets.values()), offsets  # one ink offset from the grid per word
   assert len(set().union(*words.values())) == len(words)
 
 
@@ -107,3 +112,15 @@ def test_llava_json_round_trip_through_the_cli(tmp_path):
     enc = encode_chat(from_sharegpt(row["conversations"]), tok, max_len=128, num_image_tokens=4,
                       image_token_id=tok.image_pad_id)
     assert tok.decode(enc.ids[enc.loss_mask]) == ex["answer"] + "<|im_end|>"
+
+  # --all-questions: every question the image answers, as turns of one conversation
+  path = cli.main(["--out", str(tmp_path / "turns"), "--split", "test", "--n", "10", "--seed", "3", "--image-size", "32",
+                   "--all-questions"])
+  for row, ex in zip(json.load(open(path)), expected):
+    want = []
+    for i, (question, answer) in enumerate(ex["qa"]):
+      want += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
+    assert row["conversations"] == want
+    enc = encode_chat(from_sharegpt(row["conversations"]), tok, max_len=128, num_image_tokens=4,
+                      image_token_id=tok.image_pad_id)
+    assert tok.decode(enc.ids[enc.loss_mask]) == "".join(a + "<|im_end|>" for _, a in ex["qa"])

@@ -3,7 +3,12 @@
 Every answer is one word and correct by construction. Shape, colour and position questions
 use images with a single shape; counting images hold 1-3 shapes in separate cells of a 3x3
 grid; word images hold one short word in PIL's bitmap font (only when the image is at least
-32 pixels wide, else the word type is left out). Each example also has a caption for stage 1.
+32 pixels wide, else the word type is left out), its top-left corner on a grid of size/8 pixels:
+the patch grid of the demo's tower (8 px patches at 64 px), since a tower trained from scratch
+learnt to read words at every sub-patch offset far more slowly (caption-tag pretraining, 400
+steps: word 0.72 held-out aligned, 0.22 unaligned). Each example also has a caption for stage 1,
+and the list of every question its image answers (a single-shape image answers shape, colour and
+position), which `write_llava(..., all_questions=True)` writes as turns of one conversation.
 Splits are deterministic in (seed, split); train and test draw from disjoint seed streams,
 and each split keeps only images whose content hash falls in its part, so no test image
 ever appears in train, even at tiny sizes where random draws repeat.
@@ -36,6 +41,7 @@ TYPES = tuple(QUESTIONS)
 SPLIT_STREAMS = {"train": 0, "test": 1}  # disjoint SeedSequence keys per split
 TEST_PARTS = 4  # an image belongs to test when its content hash is 0 mod TEST_PARTS, else to train
 MIN_WORD_IMAGE_SIZE = 32
+WORD_GRID_CELLS = 8  # a word starts on a grid of size / 8 pixels (see above)
 
 
 def types_for(image_size: int) -> tuple[str, ...]:
@@ -61,7 +67,7 @@ def _phrase(color: str, shape: str) -> str:
   return f"a {color} {shape}"
 
 
-def _single_shape(rng: np.random.Generator, size: int, kind: str) -> tuple[Image.Image, str, str]:
+def _single_shape(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[str, str], str]:
   shape = SHAPES[rng.integers(len(SHAPES))]
   color = list(COLORS)[rng.integers(len(COLORS))]
   position = POSITIONS[rng.integers(len(POSITIONS))]
@@ -73,11 +79,11 @@ def _single_shape(rng: np.random.Generator, size: int, kind: str) -> tuple[Image
   cx, cy = (across, along) if position in ("left", "right") else (along, across)
   image = Image.new("RGB", (size, size), BACKGROUND)
   _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, COLORS[color])
-  answer = {"shape": shape, "color": color, "position": position}[kind]
-  return image, answer, f"{_phrase(color, shape).capitalize()} on the {position}."
+  answers = {"shape": shape, "color": color, "position": position}
+  return image, answers, f"{_phrase(color, shape).capitalize()} on the {position}."
 
 
-def _count(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, str]:
+def _count(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[str, str], str]:
   n = int(rng.integers(1, 4))
   cell = size / 3
   r = max(1, round(0.3 * cell))
@@ -95,10 +101,10 @@ def _count(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, str]:
     phrases.append(_phrase(color, shape))
   listed = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
   caption = f"{NUMBER_WORDS[n].capitalize()} shape{'s' if n > 1 else ''}: {listed}."
-  return image, str(n), caption
+  return image, {"count": str(n)}, caption
 
 
-def _word(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, str]:
+def _word(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[str, str], str]:
   word = WORDS[rng.integers(len(WORDS))]
   color = list(COLORS)[rng.integers(len(COLORS))]
   font = ImageFont.load_default_imagefont()  # PIL's built-in bitmap font: the same pixels everywhere
@@ -107,18 +113,20 @@ def _word(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, str]:
   ImageDraw.Draw(glyphs).text((-left, -top), word, fill=255, font=font)
   scale = max(1, size // 32)
   glyphs = glyphs.resize((glyphs.width * scale, glyphs.height * scale), Image.Resampling.NEAREST)
-  x = int(rng.integers(0, size - glyphs.width + 1))
-  y = int(rng.integers(0, size - glyphs.height + 1))
+  grid = max(1, size // WORD_GRID_CELLS)
+  x = int(rng.integers(0, (size - glyphs.width) // grid + 1)) * grid
+  y = int(rng.integers(0, (size - glyphs.height) // grid + 1)) * grid
   image = Image.new("RGB", (size, size), BACKGROUND)
   image.paste(Image.new("RGB", glyphs.size, COLORS[color]), (x, y), mask=glyphs.point(lambda v: 255 if v > 127 else 0))
-  return image, word, f'The word "{word}" written in {color}.'
+  return image, {"word": word}, f'The word "{word}" written in {color}.'
 
 
 def make_example(rng: np.random.Generator, image_size: int = 64, *, kind: str | None = None,
                  example_id: str = "synthetic") -> dict:
-  """One example: dict(id, image uint8 [H, W, 3], question, answer, type, caption).
+  """One example: dict(id, image uint8 [H, W, 3], question, answer, type, caption, qa).
 
   `kind` is a question type from `TYPES` (None: drawn from `rng` among `types_for(image_size)`).
+  `qa` is every (question, answer) pair the image answers, in a random order.
   """
   allowed = types_for(image_size)
   if kind is None:
@@ -126,13 +134,14 @@ def make_example(rng: np.random.Generator, image_size: int = 64, *, kind: str | 
   if kind not in allowed:
     raise ValueError(f"question type {kind!r} is not available at image_size={image_size}; expected one of {allowed}")
   if kind in ("shape", "color", "position"):
-    image, answer, caption = _single_shape(rng, image_size, kind)
+    image, answers, caption = _single_shape(rng, image_size)
   elif kind == "count":
-    image, answer, caption = _count(rng, image_size)
+    image, answers, caption = _count(rng, image_size)
   else:
-    image, answer, caption = _word(rng, image_size)
-  return {"id": example_id, "image": np.asarray(image, np.uint8), "question": QUESTIONS[kind], "answer": answer,
-          "type": kind, "caption": caption}
+    image, answers, caption = _word(rng, image_size)
+  qa = [(QUESTIONS[k], answers[k]) for k in rng.permutation(sorted(answers))]
+  return {"id": example_id, "image": np.asarray(image, np.uint8), "question": QUESTIONS[kind],
+          "answer": answers[kind], "type": kind, "caption": caption, "qa": qa}
 
 
 def split_of(image: np.ndarray) -> str:
@@ -162,17 +171,24 @@ def generate_split(split: str, n: int, seed: int, image_size: int = 64) -> list[
   return out
 
 
-def write_llava(out_dir: str, split: str, n: int, seed: int, image_size: int = 64) -> str:
-  """Writes PNGs under out_dir/images and the LLaVA JSON list out_dir/{split}.json; returns the JSON path."""
+def write_llava(out_dir: str, split: str, n: int, seed: int, image_size: int = 64, *,
+                all_questions: bool = False) -> str:
+  """Writes PNGs under out_dir/images and the LLaVA JSON list out_dir/{split}.json; returns the JSON path.
+
+  Each record asks its example's question; with `all_questions`, every question its image
+  answers, as turns of one conversation (more supervision per image, for training).
+  """
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   rows = []
   for ex in generate_split(split, n, seed, image_size):
     rel = os.path.join("images", f"{ex['id']}.png")
     Image.fromarray(ex["image"]).save(os.path.join(out_dir, rel))
-    rows.append({"id": ex["id"], "image": rel,
-                 "conversations": [{"from": "human", "value": "<image>\n" + ex["question"]},
-                                   {"from": "gpt", "value": ex["answer"]}],
-                 "type": ex["type"], "caption": ex["caption"]})
+    conversation = []
+    for question, answer in (ex["qa"] if all_questions else [(ex["question"], ex["answer"])]):
+      prefix = "" if conversation else "<image>\n"
+      conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    rows.append({"id": ex["id"], "image": rel, "conversations": conversation, "type": ex["type"],
+                 "caption": ex["caption"]})
   path = os.path.join(out_dir, f"{split}.json")
   with open(path, "w") as f:
     json.dump(rows, f, indent=1)

@@ -1,14 +1,19 @@
-"""The CPU demo's data and its evaluation.
+"""The CPU demo's data, its vision pretraining and its evaluation.
 
 Data (written once into WORKDIR/data by `prepare_data`): the synthetic shapes VQA set
-(tinyvlm_jax.data.synthetic) as LLaVA JSON: train.json (questions), test.json (a held-out,
-content-disjoint split) and captions.json (the train images with their captions, for stage 1).
+(tinyvlm_jax.data.synthetic) as LLaVA JSON: train.json (every question an image answers, as
+turns of one conversation), test.json (a held-out, content-disjoint split, one question per
+image) and captions.json (the train images with their captions, for stage 1).
+Vision pretraining (`pretrain_vision`, see tinyvlm_jax.train.vision_pretrain): the tower learns
+the captions' words first, into WORKDIR/vision_pretrain, in place of the pretrained SigLIP a
+real run starts from.
 Evaluation: greedy generation with VLMGenerator on test.json; exact match after
 lower-casing and stripping a final period; accuracy overall and per question type.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -24,6 +29,7 @@ from tinyvlm_jax.models.config import TinyVLMConfig
 
 CAPTION_PROMPT = "Describe the image."
 RESULTS_FILE = "demo_results.json"
+PRETRAINED_TOWER_DIR = "vision_pretrain"  # under the workdir: the model folder the first stage starts from
 
 
 def prepare_data(data_dir: str, *, num_train: int, num_test: int, image_size: int, seed: int,
@@ -34,7 +40,9 @@ def prepare_data(data_dir: str, *, num_train: int, num_test: int, image_size: in
     return paths
   if jax.process_index() == 0:
     t = time.perf_counter()
-    synthetic.write_llava(data_dir, "train", num_train, seed, image_size=image_size)
+    # All questions per training image: a single-shape image then teaches shape, colour and position at once
+    # (measured: shape 0.64 -> 0.88 held-out, for 1.2x the stage-2 step time).
+    synthetic.write_llava(data_dir, "train", num_train, seed, image_size=image_size, all_questions=True)
     synthetic.write_llava(data_dir, "test", num_test, seed, image_size=image_size)
     with open(paths["train"]) as f:
       rows = json.load(f)
@@ -51,6 +59,20 @@ def prepare_data(data_dir: str, *, num_train: int, num_test: int, image_size: in
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("demo data written")
   return paths
+
+
+def pretrain_vision(pretrain_cfg: dict, data_dir: str, workdir: str, model_cfg: TinyVLMConfig, *,
+                    log=print) -> dict:
+  """Caption-tag pretraining of the tower on captions.json (held out: test.json) into
+  WORKDIR/vision_pretrain -> its results."""
+  from tinyvlm_jax.train import vision_pretrain  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(vision_pretrain.PretrainConfig)}
+  unknown = sorted(set(pretrain_cfg) - fields)
+  if unknown:
+    raise ValueError(f"demo.vision_pretrain: unknown field(s) {unknown}; expected some of {sorted(fields)}")
+  return vision_pretrain.pretrain(os.path.join(data_dir, "captions.json"), os.path.join(workdir, PRETRAINED_TOWER_DIR),
+                                  model_cfg, vision_pretrain.PretrainConfig(**pretrain_cfg),
+                                  heldout_json=os.path.join(data_dir, "test.json"), log=log)
 
 
 def normalize_answer(text: str) -> str:

@@ -23,7 +23,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tinyvlm_jax import model_io
@@ -452,27 +451,35 @@ def run(cfg, workdir: str, *, log: Callable[[str], None] = print, progress: bool
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   demo_cfg = cfg.get("demo")
+  pretrained = None
   if demo_cfg is not None:
     from tinyvlm_jax.train import demo  # pylint: disable=g-import-not-at-top
-    demo.prepare_data(_expand(demo_cfg.data_dir, workdir), num_train=demo_cfg.num_train, num_test=demo_cfg.num_test,
+    data_dir = _expand(demo_cfg.data_dir, workdir)
+    demo.prepare_data(data_dir, num_train=demo_cfg.num_train, num_test=demo_cfg.num_test,
                       image_size=demo_cfg.image_size, seed=demo_cfg.seed, log=log)
+    if demo_cfg.get("vision_pretrain") is not None:  # the tower the first stage starts from
+      pretrained = demo.pretrain_vision(demo_cfg.vision_pretrain.to_dict(), data_dir, workdir,
+                                        model_config(stage_list(cfg)[0].model), log=log)
   previous = None
   results = []
+  stage_cfg = None
   for stage_cfg in stage_list(cfg):
     stage_cfg = prepare_stage(stage_cfg, workdir, previous)
     results.append(train_stage(stage_cfg, workdir, log=log, progress=progress))
     previous = results[-1].stage_dir
   summary: dict[str, Any] = {"stages": {r.stage: {"steps": r.steps, "seconds": round(r.seconds, 1)} for r in results}}
+  if pretrained is not None:
+    summary["vision_pretrain"] = {k: v for k, v in pretrained.items() if k != "tags"}
   if len(results) > 1 and jax.process_index() == 0:
     curves = [(r.stage, metrics_lib.read_metrics(os.path.join(r.stage_dir, metrics_lib.METRICS_FILE)))
               for r in results]
     summary["loss_curve"] = metrics_lib.plot_loss_curves(curves, os.path.join(workdir, metrics_lib.CURVE_FILE))
   if demo_cfg is not None:
-    from tinyvlm_jax.train import demo  # pylint: disable=g-import-not-at-top
     last = results[-1]
-    evaluation = demo.evaluate(os.path.join(_expand(demo_cfg.data_dir, workdir), "test.json"), last.params,
+    evaluation = demo.evaluate(os.path.join(data_dir, "test.json"), last.params,
                                last.model_config, max_new_tokens=demo_cfg.max_new_tokens,
-                               batch_size=demo_cfg.eval_batch_size)
+                               batch_size=demo_cfg.eval_batch_size,
+                               tokenizer_path=stage_cfg.data.tokenizer_path or None)  # the data's tokenizer
     summary.update(evaluation)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     if jax.process_index() == 0:

@@ -9,7 +9,7 @@ supervised tokens in the whole global batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.struct
 import jax
