@@ -59,6 +59,8 @@ def test_pretraining_learns_caption_tags_and_writes_a_model_folder(data, tmp_pat
   again = vision_pretrain.pretrain(data["captions"], out, CFG, pcfg, log=logs.append)
   assert again == json.load(open(os.path.join(out, vision_pretrain.RESULTS_FILE)))
   assert "finished earlier" in logs[-1]
+  with pytest.raises(ValueError, match="pretraining of 150 steps, the config asks for 20"):
+    vision_pretrain.pretrain(data["captions"], out, CFG, dataclasses.replace(pcfg, steps=20), log=logs.append)
 
 
 def test_bad_records_are_skipped_and_counted(data, tmp_path):

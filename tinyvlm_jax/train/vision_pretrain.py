@@ -135,12 +135,15 @@ def pretrain(train_json: str, out_dir: str, config: TinyVLMConfig, pcfg: Pretrai
 
   Returns (and writes to out_dir/vision_pretrain.json) the steps, seconds, the tag vocabulary
   and, with `heldout_json`, the held-out loss and tag micro-F1. A folder that already holds a
-  finished pretraining is reused as it is.
+  finished pretraining of the same number of steps is reused as it is (another number is an error).
   """
   results_path = os.path.join(out_dir, RESULTS_FILE)
   if os.path.isfile(results_path) and os.path.isfile(os.path.join(out_dir, model_io.CONFIG_FILE)):
     with open(results_path) as f:
       done = json.load(f)
+    if done.get("steps") != pcfg.steps:
+      raise ValueError(f"{out_dir} holds a vision pretraining of {done.get('steps')} steps, the config asks for "
+                       f"{pcfg.steps}: use a new workdir, or delete that folder to pretrain again")
     log(f"vision pretraining: finished earlier ({done['steps']} steps); using {out_dir}")
     return done
   start = time.perf_counter()
