@@ -5,14 +5,15 @@ aligns the connector to features that already tell shapes, colours and text apar
 there are no pretrained weights, and the demo's random 2-layer tower learns shapes and words
 far more slowly through the LLM than on its own. Measured on the demo data (64 px, 2 cores):
 stage 2 alone, 600 steps of 16 from random weights, reached shape 0.41 and word 0.28 held-out;
-this pretraining, 600 steps of 32, read shape 0.89 and word 0.77 off the tower.
+this pretraining, 600 steps of 32 images (all five views), read shape 0.89 and word 0.77 off the
+tower with its linear head.
 
 So the demo first pretrains the tower the way CatLIP does (Mehta et al., 2024, "CatLIP: CLIP-level
 visual recognition accuracy with 2.7x faster pre-training on web-scale image-text data"): a
 multi-label sigmoid cross-entropy over the words of each image's caption (its tags), read by a
-linear head from the mean and the max of every view's tokens. Only the tower is kept; the head is
-dropped, and the result is an ordinary model folder (the other modules at their random init) that
-stage 1 starts from.
+linear head from the mean and the max of every view's tokens (by default the global view only,
+as SigLIP sees whole images). Only the tower is kept; the head is dropped, and the result is an
+ordinary model folder (the other modules at their random init) that stage 1 starts from.
 
 The images of the caption set are decoded once into memory (uint8 views): a demo-sized set.
 """
