@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax import quantize as q
 from tinyvlm_jax.generate import LMDecoder, VLMGenerator
 from tinyvlm_jax.models.qwen2 import Qwen2ForCausalLM
@@ -53,7 +54,7 @@ def test_bad_mode_and_shapes_are_named():
 @pytest.mark.parametrize("mode", ["int8", "int4_g64"])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # GEMV kernel (<= 16 rows) and dequantize + dot
 def test_cpu_kernels_equal_the_xla_path(mode, rows, monkeypatch):
-  if not q.cpu_kernels():
+  if not cpu_kernels.available():
     pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
   rng = np.random.default_rng(2)
   n, k = 136, 192
@@ -64,7 +65,7 @@ def test_cpu_kernels_equal_the_xla_path(mode, rows, monkeypatch):
   want = x @ np.asarray(q.dequantize(jnp.asarray(qk), jnp.asarray(scale))).T
   got = np.asarray(jax.jit(q.quantized_matmul)(x, qk, scale))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-  monkeypatch.setattr(q, "cpu_kernels", lambda: False)
+  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   xla = np.asarray(jax.jit(q.quantized_matmul)(x, qk, scale))
   np.testing.assert_allclose(xla, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 

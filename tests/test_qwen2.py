@@ -11,8 +11,10 @@ import pytest
 import torch
 import transformers
 
+from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax.convert import qwen2 as convert
 from tinyvlm_jax.convert.mapping import CheckpointMismatchError, TRANSFORMS, flatten, load_state_dict
+from tinyvlm_jax.models import qwen2
 from tinyvlm_jax.models.qwen2 import Qwen2ForCausalLM, init_cache
 from tinyvlm_jax.presets import model_config
 
@@ -111,7 +113,10 @@ def test_left_padding_matches_transformers(tied):
   assert np.isfinite(ours).all()  # the fully padded row gives no NaN
 
 
-def test_kv_cache_prefill_and_decode_match_full_forward(tied):
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernels", "xla"])
+def test_kv_cache_prefill_and_decode_match_full_forward(tied, kernels, monkeypatch):
+  if not kernels:
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   cfg, _, params = tied
   prompt, steps, slots = 7, 8, 16
   total = prompt + steps
@@ -140,6 +145,25 @@ def test_kv_cache_prefill_and_decode_match_full_forward(tied):
   assert max(errors) <= TOL, errors
   assert step._cache_size() == 2  # one program for the prefill, one for every decode step
   assert not np.asarray(cache[0]["k"][:, total:]).any()  # slots past the last token stay empty
+
+
+@pytest.mark.parametrize("b,kv,g,hd,slots", [(1, 2, 7, 64, 1088), (3, 2, 2, 16, 37), (2, 1, 4, 72, 9)])
+def test_decode_attention_kernel_equals_the_xla_formulation(b, kv, g, hd, slots):
+  if not cpu_kernels.available():
+    pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
+  rng = np.random.default_rng(slots)
+  q, k_new, v_new = (rng.normal(size=s).astype(np.float32) for s in [(b, kv, g, hd), (b, kv, hd), (b, kv, hd)])
+  k_cache, v_cache = (rng.normal(size=(b, slots, kv, hd)).astype(np.float32) * 3 for _ in range(2))
+  mask = rng.random((b, slots)) < 0.7
+  mask[0, -1] = False          # the last slot (outside any block of 8 when slots % 8 != 0) masked
+  mask[-1, :] = False          # a row that sees only its own token
+  kw = dict(scale=hd ** -0.5, dtype=jnp.float32)
+  got = jax.jit(functools.partial(qwen2._attend_one_query, **kw))(q, k_new, v_new, k_cache, v_cache, mask)
+  want = jax.jit(functools.partial(qwen2._attend_one_query_xla, **kw))(q, k_new, v_new, k_cache, v_cache, mask)
+  assert "tinyvlm_decode_attention" in jax.jit(functools.partial(qwen2._attend_one_query, **kw)).lower(
+      q, k_new, v_new, k_cache, v_cache, mask).as_text()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got)[-1], np.broadcast_to(v_new[-1][:, None], (kv, g, hd)), rtol=1e-6)
 
 
 def test_untied_head_matches_transformers(untied):

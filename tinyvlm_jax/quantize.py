@@ -17,8 +17,8 @@ Layout (N outputs, K inputs; rows of 8 outputs are tiled so the CPU kernel strea
 Dense layers hold {"qkernel", "scale"[, "bias"]}; the embedding holds {"qembedding", "scale"}.
 
 Compute: on CPU, a decode step (at most `GEMV_MAX_ROWS` rows) calls the kernels of
-`quantize_cpu.cc` (built with g++ on first use, cached): they read the packed weights once and
-dequantize in registers. XLA:CPU itself would first convert an int8 dot operand to a float32
+`tinyvlm_jax.cpu_kernels` (built with g++ on first use, cached): they read the packed weights
+once and dequantize in registers. XLA:CPU itself would first convert an int8 dot operand to a float32
 array in memory (about 0.3 G weights/s here), slower than float32 weights. Longer inputs
 (prefill, the vision tower) dequantize each weight once per call and use XLA's dot. On other
 platforms, and on CPUs without the kernels, everything takes the dequantize-and-dot path,
@@ -27,16 +27,8 @@ which XLA fuses on accelerators.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
-import hashlib
-import logging
-import os
-import platform
 import re
-import subprocess
-import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -44,14 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger(__name__)
+from tinyvlm_jax import cpu_kernels
 
 MODES = ("none", "int8", "int4", "int4_g128", "int4_g64", "int4_g32")
 INT4_DEFAULT_GROUP = 128
 TILE_ROWS = 8
 GEMV_MAX_ROWS = 16  # at most this many rows of x per call use the CPU GEMV kernels
-KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantize_cpu.cc")
-DISABLE_ENV = "TINYVLM_CPU_KERNELS"  # set to 0 to use the XLA path on CPU too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,71 +138,6 @@ def dequantize(qkernel, scale, dtype=jnp.float32):
   return (q.reshape(n, groups, k // groups) * scale.astype(dtype)[..., None]).reshape(n, k)
 
 
-# ---------------------------------------------------------------------------------------
-# CPU kernels: compiled once per machine, registered with XLA as FFI targets.
-
-_TARGETS = {"gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4", "gemv_f32": "TinyvlmGemvF32",
-            "dequant_i8": "TinyvlmDequantI8", "dequant_i4": "TinyvlmDequantI4"}
-
-
-def _cpu_flags() -> set[str]:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
-
-
-def _cache_dir() -> str:
-  return os.environ.get("TINYVLM_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tinyvlm_jax"))
-
-
-def _build(source: str, out: str) -> None:
-  cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-         f"-I{jax.ffi.include_dir()}", source, "-o", out]
-  subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-
-
-@functools.cache
-def cpu_kernels() -> bool:
-  """Builds (once, cached by source hash and CPU) and registers the CPU kernels; False if unavailable."""
-  if os.environ.get(DISABLE_ENV, "1") == "0":
-    return False
-  if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= _cpu_flags():
-    log.info("quantize: no AVX2/FMA CPU; quantized layers use XLA's dequantize-and-dot on CPU")
-    return False
-  with open(KERNEL_SOURCE, "rb") as f:
-    key = hashlib.sha256(f.read() + jax.__version__.encode() + platform.processor().encode()
-                         + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
-  path = os.path.join(_cache_dir(), f"libtinyvlm_quant_{key}.so")
-  if not os.path.exists(path):
-    os.makedirs(_cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
-    os.close(fd)
-    try:
-      _build(KERNEL_SOURCE, tmp)
-      os.replace(tmp, path)  # atomic: concurrent builders each write their own temp file
-    except (OSError, subprocess.SubprocessError) as e:
-      detail = getattr(e, "stderr", "") or str(e)
-      log.warning("quantize: could not build %s (%s); quantized layers use XLA's dequantize-and-dot on CPU",
-                  KERNEL_SOURCE, detail.strip()[-500:])
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      return False
-  lib = ctypes.cdll.LoadLibrary(path)
-  for name, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(f"tinyvlm_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  return True
-
-
-def _ffi(name: str, shape, *args):
-  return jax.ffi.ffi_call(f"tinyvlm_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="sequential")(*args)
-
-
 def quantized_matmul(x, qkernel, scale):
   """x [..., K] @ W^T for a quantized W [N, K] -> [..., N] in x's dtype."""
   int8 = qkernel.dtype == jnp.int8
@@ -226,12 +151,12 @@ def quantized_matmul(x, qkernel, scale):
 
   def cpu_path(x2, qkernel, scale):
     if rows <= GEMV_MAX_ROWS:
-      return _ffi("gemv_i8" if int8 else "gemv_i4", (rows, n), x2.astype(jnp.float32), qkernel, scale)
-    w = _ffi("dequant_i8" if int8 else "dequant_i4", (n, k), qkernel, scale)
+      return cpu_kernels.call("gemv_i8" if int8 else "gemv_i4", (rows, n), x2.astype(jnp.float32), qkernel, scale)
+    w = cpu_kernels.call("dequant_i8" if int8 else "dequant_i4", (n, k), qkernel, scale)
     return jnp.einsum("mk,nk->mn", x2, w.astype(x2.dtype))
 
   x2 = x.reshape(rows, k)
-  if cpu_kernels():
+  if cpu_kernels.available():
     y = jax.lax.platform_dependent(x2, qkernel, scale, cpu=cpu_path, default=xla_path)
   else:
     y = xla_path(x2, qkernel, scale)

@@ -14,10 +14,14 @@ same program, and per-row `positions` give left padding.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax.models.config import QwenConfig
 from tinyvlm_jax.quantize import QuantDense, QuantEmbed
 
@@ -99,8 +103,25 @@ def _attend_one_query(q, k_new, v_new, k_cache, v_cache, mask, scale: float, dty
   """One decode step: q [B, KV, G, hd] attends to its own k_new, v_new [B, KV, hd] and to the
   cache as it was before this step, k_cache, v_cache [B, S, KV, hd] (mask [B, S]) -> [B, KV, G, hd].
 
-  Two XLA:CPU costs avoided: reading the updated cache (its update then had two readers, the
-  carried cache and attention, and XLA duplicated it with two whole-cache copies per layer), and
+  On CPU, in float32, the `decode_attention` kernel of `tinyvlm_jax.cpu_kernels` (one task per
+  row and KV head); elsewhere `_attend_one_query_xla`. Profiled in a full-size int8 decode step
+  (24 layers, 1088 slots, 2 cores): 4.8 ms of attention per step with the kernel, 6.6 ms without.
+  """
+  xla = functools.partial(_attend_one_query_xla, scale=scale, dtype=dtype)
+  args = (q, k_new, v_new, k_cache, v_cache)
+  if not (cpu_kernels.available() and q.shape[-1] % 8 == 0 and all(a.dtype == jnp.float32 for a in args)
+          and jnp.dtype(dtype) == jnp.float32):
+    return xla(*args, mask)
+
+  def cpu(*operands):
+    return cpu_kernels.call("decode_attention", q.shape, *operands, scale=np.float32(scale))
+  return jax.lax.platform_dependent(*args, mask.astype(bool), cpu=cpu, default=xla)
+
+
+def _attend_one_query_xla(q, k_new, v_new, k_cache, v_cache, mask, *, scale: float, dtype):
+  """`_attend_one_query` in XLA ops. Two XLA:CPU costs avoided: reading the updated cache (its
+  update then had two readers, the carried cache and attention, and XLA duplicated it with two
+  whole-cache copies per layer), and
   batched dots over the KV heads (a whole-cache transpose per step). Both products here are plain
   dots on the cache as stored, [B, S, KV*hd]: the queries enter as a block-diagonal [KV*hd, KV*G]
   matrix whose off-diagonal zeros cost KV-1 times the useful work, a few kFLOPs per slot.

@@ -1,6 +1,8 @@
-// XLA:CPU kernels for weight-only quantized layers (loaded by tinyvlm_jax/quantize.py via jax.ffi).
+// XLA:CPU kernels (built and registered by tinyvlm_jax/cpu_kernels.py): weight-only quantized
+// GEMVs for tinyvlm_jax/quantize.py, and the one-query attention of a decode step for
+// tinyvlm_jax/models/qwen2.py.
 //
-// Why: XLA:CPU converts an int8 dot operand to float32 in memory before the dot (about 0.3 G
+// Quantized layers. XLA:CPU converts an int8 dot operand to float32 in memory before the dot (about 0.3 G
 // weights/s here), so decoding with int8 weights would be slower than float32. These kernels read
 // the packed weights once, dequantize in registers, and split the rows over XLA's intra-op pool.
 //
@@ -10,15 +12,19 @@
 //   int4: p uint8 [N/8, K/32, 8, 16]  tile (i, j): rows 8i..8i+7, columns 32j..32j+31; byte b of a
 //         row holds column b in its low nibble and column b + 16 in its high nibble
 //         scale f32 [N, K/G]          W[n, k] = scale[n, k / G] * (nibble - 8)
-//   float32: w f32 [N/8, K/8, 8, 8]   (same tiling as int8; the float32 decode path)
 //
-// Handlers: TinyvlmGemv{I8,I4,F32}(x [M, K] f32, weights..., scale...) -> y [M, N] f32, for few rows
+// Handlers: TinyvlmGemv{I8,I4}(x [M, K] f32, weights..., scale...) -> y [M, N] f32, for few rows
 // of x (decode); TinyvlmDequant{I8,I4}(weights, scale) -> W [N, K] f32 (prefill then uses XLA's dot).
+//
+// Decode attention. XLA:CPU runs a decode step's attention (a few MFLOP per layer) as a handful of
+// small fusions and dots at about 0.27 ms per layer, 5x the time its cache reads take.
+// TinyvlmDecodeAttention does it in one pass per (row, KV head); see DecodeAttention below.
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -87,21 +93,6 @@ void RowsI8(const float* x, int64_t K, const int8_t* q, const float* scale, floa
       for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(LoadI8(t + 8 * j), xv, a[j]);
     }
     _mm256_storeu_ps(y + r, _mm256_mul_ps(ReduceRows(a), _mm256_loadu_ps(scale + r)));
-  }
-}
-
-// y[r0..r1) for one row of x; float32 tiles.
-void RowsF32(const float* x, int64_t K, const float* w, float* y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; r += kTileRows) {
-    const float* t = w + r * K;
-    __m256 a[8];
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8, t += 64) {
-      for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchBytes + 16 * c), _MM_HINT_T0);
-      __m256 xv = _mm256_loadu_ps(x + k);
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(t + 8 * j), xv, a[j]);
-    }
-    _mm256_storeu_ps(y + r, ReduceRows(a));
   }
 }
 
@@ -184,18 +175,6 @@ ffi::Error GemvI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();  // [N/8, K/8, 8, 8]
-  int64_t N = wd[0] * 8, K = wd[1] * 8, M;
-  if (auto e = Dims("TinyvlmGemvF32", x, K, N, &M); e.failure()) return e;
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
-    for (int64_t m = 0; m < M; ++m) RowsF32(xp + m * K, K, w.typed_data(), yp + m * N, r0, r1);
-  });
-  return ffi::Error::Success();
-}
-
 ffi::Error GemvI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> scale,
                   ffi::ResultBuffer<ffi::F32> y) {
   auto pd = p.dimensions();  // [N/8, K/32, 8, 16]
@@ -262,6 +241,137 @@ ffi::Error DequantI4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> p, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------
+// One-query attention of a decode step (grouped-query attention over a KV cache).
+
+// exp(x) for 8 floats (Cephes' polynomial as in avx_mathfun, relative error about 1e-7); x <= 0 here.
+inline __m256 Exp(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
+                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float Sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Dot of two hd-float vectors (hd % 8 == 0).
+inline float Dot(const float* a, const float* b, int64_t hd) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t c = 0; c < hd; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+  return Sum8(acc);
+}
+
+// One (row, KV head): q [G, hd] against the cache slots kb + s * row, vb + s * row (s < S, where
+// mask[s]) and its own k_new, v_new [hd] -> out [G, hd]. Slots go in blocks of 8 with all G
+// queries inner, so each cache row is read from memory once (7x fewer reads than a pass per query).
+void AttendHead(const float* q, const float* k_new, const float* v_new, const float* kb, const float* vb,
+                const bool* mb, int64_t row, int64_t S, int64_t G, int64_t hd, float scale, float* out) {
+  const int64_t width = S + 1;  // logits, then probabilities: [G, S + 1], slot S = the query's own
+  std::unique_ptr<float[]> p(new float[G * width]);
+  const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < S; s += 8) {
+    const int64_t n = std::min<int64_t>(8, S - s);
+    alignas(32) float bias[8], l8[8];
+    for (int64_t j = 0; j < 8; ++j) bias[j] = j < n && mb[s + j] ? 0.f : -INFINITY;
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 a[8];
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < hd; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + g * hd + c);
+        for (int64_t j = 0; j < n; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (s + j) * row + c), a[j]);
+      }
+      _mm256_store_ps(l8, _mm256_add_ps(_mm256_mul_ps(ReduceRows(a), vscale), _mm256_load_ps(bias)));
+      std::copy(l8, l8 + n, p.get() + g * width + s);
+    }
+  }
+  std::unique_ptr<float[]> inv(new float[G]);
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p.get() + g * width;
+    pg[S] = Dot(q + g * hd, k_new, hd) * scale;
+    float m = *std::max_element(pg, pg + width);
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 total = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= width; s += 8) {
+      const __m256 l = _mm256_loadu_ps(pg + s);
+      const __m256 e = _mm256_and_ps(Exp(_mm256_sub_ps(l, vm)), _mm256_cmp_ps(l, ninf, _CMP_GT_OQ));
+      _mm256_storeu_ps(pg + s, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = Sum8(total);
+    for (; s < width; ++s) {
+      const float e = pg[s] > -INFINITY ? _mm256_cvtss_f32(Exp(_mm256_set1_ps(pg[s] - m))) : 0.f;
+      pg[s] = e;
+      sum += e;
+    }
+    inv[g] = 1.f / sum;
+    for (int64_t c = 0; c < hd; c += 8)  // the accumulator starts with the query's own value
+      _mm256_storeu_ps(out + g * hd + c, _mm256_mul_ps(_mm256_set1_ps(pg[S]), _mm256_loadu_ps(v_new + c)));
+  }
+  for (int64_t s = 0; s < S; s += 8) {
+    const int64_t n = std::min<int64_t>(8, S - s);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pg = p.get() + g * width + s;
+      for (int64_t c0 = 0; c0 < hd; c0 += 64) {  // up to 64 columns in registers
+        const int64_t nc = std::min<int64_t>(8, (hd - c0) / 8);
+        __m256 acc[8];
+        for (int64_t i = 0; i < nc; ++i) acc[i] = _mm256_loadu_ps(out + g * hd + c0 + 8 * i);
+        for (int64_t j = 0; j < n; ++j) {
+          const __m256 w = _mm256_set1_ps(pg[j]);
+          const float* v = vb + (s + j) * row + c0;
+          for (int64_t i = 0; i < nc; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        }
+        for (int64_t i = 0; i < nc; ++i) _mm256_storeu_ps(out + g * hd + c0 + 8 * i, acc[i]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < hd; c += 8)
+      _mm256_storeu_ps(out + g * hd + c, _mm256_mul_ps(_mm256_loadu_ps(out + g * hd + c), _mm256_set1_ps(inv[g])));
+}
+
+// q [B, KV, G, hd] attends to k_new, v_new [B, KV, hd] (its own slot) and to the cache slots s of
+// k_cache, v_cache [B, S, KV, hd] where mask [B, S] is true -> out [B, KV, G, hd]. One task per
+// (row, KV head); the softmax is computed in float32 like XLA's (max subtracted, then normalised).
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                           ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
+                           ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::PRED> mask, float scale,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), cd = k_cache.dimensions();
+  if (qd.size() != 4 || cd.size() != 4 || mask.dimensions().size() != 2)
+    return Invalid("TinyvlmDecodeAttention", "expected q [B, KV, G, hd], caches [B, S, KV, hd] and mask [B, S]");
+  const int64_t B = qd[0], KV = qd[1], G = qd[2], hd = qd[3], S = cd[1];
+  if (cd[0] != B || cd[2] != KV || cd[3] != hd || hd % 8 != 0 || mask.dimensions()[1] != S ||
+      v_cache.element_count() != k_cache.element_count() || k_new.element_count() != B * KV * hd ||
+      v_new.element_count() != B * KV * hd)
+    return Invalid("TinyvlmDecodeAttention", "shapes disagree (or head_dim is not a multiple of 8)");
+  const float *qp = q.typed_data(), *knp = k_new.typed_data(), *vnp = v_new.typed_data();
+  const float *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  const int64_t row = KV * hd;  // floats per cache slot
+  ParallelFor(pool, B * KV, [&](int64_t task) {
+    const int64_t b = task / KV, h = task % KV;
+    AttendHead(qp + task * G * hd, knp + task * hd, vnp + task * hd, kc + b * S * row + h * hd,
+               vc + b * S * row + h * hd, mp + b * S, row, S, G, hd, scale, op + task * G * hd);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvI8, GemvI8,
@@ -280,13 +390,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvI4, GemvI4,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvF32, GemvF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI8, DequantI8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -299,4 +402,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI4, DequantI4,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,93 @@
+"""Hand-written XLA:CPU kernels (`cpu_kernels.cc`), built with g++ on first use and registered
+as FFI targets: the weight-only int8 / int4 GEMVs and dequantizers of `tinyvlm_jax.quantize`
+and the one-query attention of a decode step (`tinyvlm_jax.models.qwen2`).
+
+Each caller wraps them in `jax.lax.platform_dependent`, so one program still runs everywhere:
+the kernels on CPU, the plain XLA formulation on accelerators. Where they are unavailable (no
+x86 CPU with AVX2 and FMA, no compiler, or TINYVLM_CPU_KERNELS=0) the XLA formulation runs on
+CPU too. The library is cached under $TINYVLM_KERNEL_CACHE (default ~/.cache/tinyvlm_jax), keyed
+by the source, the jax version and the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
+DISABLE_ENV = "TINYVLM_CPU_KERNELS"  # set to 0 to use the XLA formulations on CPU too
+CACHE_ENV = "TINYVLM_KERNEL_CACHE"
+
+# FFI target (registered as "tinyvlm_" + name) -> exported handler symbol.
+_TARGETS = {"gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4", "dequant_i8": "TinyvlmDequantI8",
+            "dequant_i4": "TinyvlmDequantI4", "decode_attention": "TinyvlmDecodeAttention"}
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _cache_dir() -> str:
+  return os.environ.get(CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "tinyvlm_jax"))
+
+
+def _build(source: str, out: str) -> None:
+  cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+         f"-I{jax.ffi.include_dir()}", source, "-o", out]
+  subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+
+
+@functools.cache
+def available() -> bool:
+  """Builds (once, cached by source hash and CPU) and registers the kernels; False if unavailable."""
+  if os.environ.get(DISABLE_ENV, "1") == "0":
+    return False
+  if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= _cpu_flags():
+    log.info("cpu_kernels: no AVX2/FMA CPU; XLA's own formulations run on CPU")
+    return False
+  with open(SOURCE, "rb") as f:
+    key = hashlib.sha256(f.read() + jax.__version__.encode() + platform.processor().encode()
+                         + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
+  path = os.path.join(_cache_dir(), f"libtinyvlm_cpu_{key}.so")
+  if not os.path.exists(path):
+    os.makedirs(_cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+    os.close(fd)
+    try:
+      _build(SOURCE, tmp)
+      os.replace(tmp, path)  # atomic: concurrent builders each write their own temp file
+    except (OSError, subprocess.SubprocessError) as e:
+      detail = getattr(e, "stderr", "") or str(e)
+      log.warning("cpu_kernels: could not build %s (%s); XLA's own formulations run on CPU",
+                  SOURCE, detail.strip()[-500:])
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      return False
+  lib = ctypes.cdll.LoadLibrary(path)
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f"tinyvlm_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return True
+
+
+def call(name: str, shape, *args, **attrs):
+  """Calls kernel `name` (a key of _TARGETS) on args; one float32 result of `shape`."""
+  return jax.ffi.ffi_call(f"tinyvlm_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(*args, **attrs)
