@@ -20,9 +20,10 @@ median is reported:
   bw_gbs     memory read bandwidth just before the run (XLA float32 GEMV over 1 GiB), and
   bw_frac    decode_tps x the LLM weight bytes read per token / bw_gbs (1.0 = at the bandwidth limit)
 
-Settings: both backends run with glibc keeping freed memory mapped (`MALLOC_ENV` of
-tinyvlm_jax.cpu_runtime; otherwise every call page-faults its buffers in again, which in this VM
-made large elementwise ops 15x slower). torch uses --threads intra-op threads (default: all
+Settings: both backends run with glibc keeping freed memory mapped and its heap on huge pages
+(`MALLOC_ENV` of tinyvlm_jax.cpu_runtime; otherwise every call page-faults its buffers in again,
+which in this VM made large elementwise ops 15x slower, and the weight stream misses the TLB).
+torch uses --threads intra-op threads (default: all
 cores); JAX uses XLA's defaults (no XLA_FLAGS). The machine is shared: the load average before
 each run is printed and kept in the JSON.
 
