@@ -12,6 +12,8 @@ from transformers import SiglipVisionModel
 from tinyvlm_jax.convert.mapping import TRANSFORMS, CheckpointMismatchError, flatten
 from tinyvlm_jax.convert.siglip import (IGNORED_KEYS, config_from_hf, hf_state_from_params, param_shapes,
                                         param_table, params_from_hf, to_hf_config)
+from tinyvlm_jax import cpu_kernels
+from tinyvlm_jax.models import siglip
 from tinyvlm_jax.models.siglip import SiglipVisionTower
 from tinyvlm_jax.presets import model_config
 
@@ -169,3 +171,28 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
   assert out.dtype == jnp.bfloat16 and all(h.dtype == jnp.bfloat16 for h in hidden)
   rel = np.max(np.abs(np.asarray(out, np.float32) - ref)) / np.max(np.abs(ref))
   assert rel < 0.05, rel
+
+
+def test_cpu_attention_kernel_matches_transformers_and_xla_gradients():
+  """head_dim 16 (the kernel's path on CPU): hidden states equal transformers', gradients XLA's."""
+  if not cpu_kernels.available() or jax.default_backend() != "cpu":
+    pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler) or not a CPU backend")
+  cfg = dataclasses.replace(model_config("tiny").vision, hidden_size=64, num_attention_heads=4, image_size=40)
+  model = _torch_model(cfg, seed=3)
+  params = params_from_hf(model, cfg)
+  pixels = _pixels(cfg, n=3)
+  apply = jax.jit(SiglipVisionTower(cfg).apply)
+  assert "tinyvlm_attention" in apply.lower({"params": params}, pixels).as_text()
+  last, _ = apply({"params": params}, pixels)
+  want_last, _ = _torch_forward(model, pixels)
+  assert np.max(np.abs(np.asarray(last) - want_last)) <= 1e-5
+
+  rng = np.random.default_rng(0)
+  q, k, v, w = (jnp.asarray(rng.normal(size=(2, 37, 3, 16)).astype(np.float32) * 2) for _ in range(4))
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, 0.25) * w)
+  got = jax.jit(jax.grad(loss(siglip.attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(loss(siglip.attention_xla), argnums=(0, 1, 2)))(q, k, v)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(siglip.attention(q, k, v, 0.25)), np.asarray(siglip.attention_xla(q, k, v, 0.25)),
+                             rtol=1e-5, atol=1e-5)
