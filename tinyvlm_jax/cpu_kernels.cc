@@ -1,6 +1,6 @@
 // XLA:CPU kernels (built and registered by tinyvlm_jax/cpu_kernels.py): weight-only quantized
-// GEMVs for tinyvlm_jax/quantize.py, and the one-query attention of a decode step for
-// tinyvlm_jax/models/qwen2.py.
+// GEMVs for tinyvlm_jax/quantize.py, the one-query attention of a decode step for
+// tinyvlm_jax/models/qwen2.py and the vision tower's attention for tinyvlm_jax/models/siglip.py.
 //
 // Quantized layers. XLA:CPU converts an int8 dot operand to float32 in memory before the dot (about 0.3 G
 // weights/s here), so decoding with int8 weights would be slower than float32. These kernels read
