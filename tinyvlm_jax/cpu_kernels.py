@@ -4,7 +4,8 @@ the one-query attention of a decode step (`tinyvlm_jax.models.qwen2`) and the vi
 attention (`tinyvlm_jax.models.siglip`).
 
 Each caller wraps them in `jax.lax.platform_dependent`, so one program still runs everywhere:
-the kernels on CPU, the plain XLA formulation on accelerators. Where they are unavailable (no
+the kernels on CPU, the plain XLA formulation on accelerators (SigLIP's attention, whose gradient
+recomputes the forward, is used only when the default backend is the CPU). Where they are unavailable (no
 x86 CPU with AVX2 and FMA, no compiler, or TINYVLM_CPU_KERNELS=0) the XLA formulation runs on
 CPU too. The library is cached under $TINYVLM_KERNEL_CACHE (default ~/.cache/tinyvlm_jax), keyed
 by the source, the jax version and the CPU.
