@@ -122,9 +122,9 @@ def _attend_one_query_xla(q, k_new, v_new, k_cache, v_cache, mask, *, scale: flo
   """`_attend_one_query` in XLA ops. Two XLA:CPU costs avoided: reading the updated cache (its
   update then had two readers, the carried cache and attention, and XLA duplicated it with two
   whole-cache copies per layer), and batched dots over the KV heads (a whole-cache transpose per
-  step). Both products here are plain
-  dots on the cache as stored, [B, S, KV*hd]: the queries enter as a block-diagonal [KV*hd, KV*G]
-  matrix whose off-diagonal zeros cost KV-1 times the useful work, a few kFLOPs per slot.
+  step). Both products here are plain dots on the cache as stored, [B, S, KV*hd]: the queries
+  enter as a block-diagonal [KV*hd, KV*G] matrix whose off-diagonal zeros cost KV-1 times the
+  useful work, a few kFLOPs per slot.
   """
   b, kv, g, hd = q.shape
   s = k_cache.shape[1]
