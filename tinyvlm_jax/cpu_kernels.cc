@@ -272,13 +272,6 @@ inline float Sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Dot of two hd-float vectors (hd % 8 == 0).
-inline float Dot(const float* a, const float* b, int64_t hd) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t c = 0; c < hd; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
-  return Sum8(acc);
-}
-
 // Up to 8 queries q [G, hd] of one (row, KV head) against the cache slots kb + s * row, vb + s * row
 // (s < S, where mask[s]) and their own k_new, v_new [hd] -> out [G, hd]. Probabilities are kept as
 // [S + 1, 8] (slot-major, one lane per query), so each slot's key row is read once for all queries,
