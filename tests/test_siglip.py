@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import SiglipVisionModel
 
+from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax.convert.mapping import TRANSFORMS, CheckpointMismatchError, flatten
 from tinyvlm_jax.convert.siglip import (IGNORED_KEYS, config_from_hf, hf_state_from_params, param_shapes,
                                         param_table, params_from_hf, to_hf_config)
-from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax.models import siglip
 from tinyvlm_jax.models.siglip import SiglipVisionTower
 from tinyvlm_jax.presets import model_config
