@@ -142,14 +142,15 @@ class LMDecoder:
     """Yields the generated ids [B, max_new_tokens] so far, after prefill and after each chunk of steps."""
     rng = jax.random.key(0) if rng is None else rng
     state = self._prefill(params, embeds, mask, rng, max_new=max_new_tokens, sampling=sampling)
-    yield np.asarray(state.tokens[:, :1])
+    # Sliced on the host: a device slice per new length would compile a program for each chunk.
+    yield np.asarray(state.tokens)[:, :1]
     chunk = chunk or max_new_tokens
     while True:
       step = int(state.step)
       if step >= max_new_tokens or bool(jnp.all(state.done)):
         break
       state = self._decode(params, state, jnp.int32(step + chunk), sampling=sampling)
-      yield np.asarray(state.tokens[:, :int(state.step)])
+      yield np.asarray(state.tokens)[:, :int(state.step)]
 
 
 def strip_after_stop(tokens: np.ndarray, stop_ids: Sequence[int]) -> list[list[int]]:
