@@ -166,6 +166,30 @@ def test_decode_attention_kernel_equals_the_xla_formulation(b, kv, g, hd, slots)
   np.testing.assert_allclose(np.asarray(got)[-1], np.broadcast_to(v_new[-1][:, None], (kv, g, hd)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("b,length,kv,g,hd,slots", [(1, 200, 2, 7, 64, 264), (3, 50, 1, 3, 16, 61), (2, 9, 2, 1, 48, 9)])
+def test_prefill_attention_kernel_equals_the_xla_formulation(b, length, kv, g, hd, slots):
+  if not cpu_kernels.available():
+    pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
+  rng = np.random.default_rng(length)
+  q = rng.normal(size=(b, length, kv, g, hd)).astype(np.float32)
+  k, v = (rng.normal(size=(b, slots, kv, hd)).astype(np.float32) * 3 for _ in range(2))
+  slot_mask = np.ones((b, slots), np.int32)
+  slot_mask[0, :length // 3] = 0   # left padding: the first rows see no key at all
+  slot_mask[-1, :length] = 0       # a row whose whole prompt is padding
+  mask = np.array(qwen2.attention_mask_for(slot_mask, length, jnp.int32(0)))    # causal, [B, L, S]
+  if b > 2:
+    mask[1] = rng.random((length, slots)) < 0.5                                  # and an arbitrary one
+  kw = dict(scale=hd ** -0.5, dtype=jnp.float32)
+  got = jax.jit(functools.partial(qwen2._attend_prefill, **kw))(q, k, v, mask)
+  want = jax.jit(functools.partial(qwen2._attend_chunk, **kw))(q, k, v, mask)
+  assert "tinyvlm_chunk_attention" in jax.jit(functools.partial(qwen2._attend_prefill, **kw)).lower(
+      q, k, v, mask).as_text()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert not mask[-1].any()  # every query of the last row sees nothing: the mean of all values
+  np.testing.assert_allclose(np.asarray(got)[-1], np.broadcast_to(v[-1].mean(0)[None, :, None], q.shape[1:]),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_untied_head_matches_transformers(untied):
   cfg, hf, params = untied
   assert params["lm_head"]["kernel"].shape == (cfg.hidden_size, cfg.vocab_size)

@@ -1,7 +1,7 @@
 """Hand-written XLA:CPU kernels (`cpu_kernels.cc`), built with g++ on first use and registered
 as FFI targets: the weight-only int8 / int4 GEMVs and dequantizers of `tinyvlm_jax.quantize`,
-the one-query attention of a decode step (`tinyvlm_jax.models.qwen2`) and the vision tower's
-attention (`tinyvlm_jax.models.siglip`).
+the attention of a decode step and of a prompt chunk against the KV cache
+(`tinyvlm_jax.models.qwen2`) and the vision tower's attention (`tinyvlm_jax.models.siglip`).
 
 Each caller wraps them in `jax.lax.platform_dependent`, so one program still runs everywhere:
 the kernels on CPU, the plain XLA formulation on accelerators (SigLIP's attention, whose gradient
@@ -34,7 +34,7 @@ CACHE_ENV = "TINYVLM_KERNEL_CACHE"
 # FFI target (registered as "tinyvlm_" + name) -> exported handler symbol.
 _TARGETS = {"gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4", "dequant_i8": "TinyvlmDequantI8",
             "dequant_i4": "TinyvlmDequantI4", "decode_attention": "TinyvlmDecodeAttention",
-            "attention": "TinyvlmAttention"}
+            "attention": "TinyvlmAttention", "chunk_attention": "TinyvlmChunkAttention"}
 
 
 def _cpu_flags() -> set[str]:

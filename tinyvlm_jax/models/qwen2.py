@@ -72,6 +72,25 @@ def _rms_norm(config: QwenConfig, name: str) -> nn.RMSNorm:
                     param_dtype=jnp.float32, name=name)
 
 
+def _attend_prefill(q, k, v, mask, scale: float, dtype):
+  """`_attend_chunk` for a prompt chunk against the KV cache (inference: no gradient is taken).
+
+  On CPU, in float32 with head_dim a multiple of 16, the `chunk_attention` kernel of
+  `tinyvlm_jax.cpu_kernels`: it computes only the key columns that a block of 48 queries sees, so
+  neither the masked half of the causal scores nor the cache's empty slots cost anything. Measured
+  per layer of the full-size LLM's 896-token prefill (960 slots, 76 of them padding, 2 cores): 18-21 ms
+  against 122-133 ms for `_attend_chunk`.
+  """
+  xla = functools.partial(_attend_chunk, scale=scale, dtype=dtype)
+  if not (cpu_kernels.available() and q.shape[-1] % 16 == 0 and jnp.dtype(dtype) == jnp.float32
+          and all(a.dtype == jnp.float32 for a in (q, k, v))):
+    return xla(q, k, v, mask)
+
+  def cpu(q, k, v, mask):
+    return cpu_kernels.call("chunk_attention", q.shape, q, k, v, mask, scale=np.float32(scale))
+  return jax.lax.platform_dependent(q, k, v, mask.astype(bool), cpu=cpu, default=xla)
+
+
 def _attend_chunk(q, k, v, mask, scale: float, dtype):
   """q [B, L, KV, G, hd] against k, v [B, K, KV, hd] with mask [B, L, K] -> [B, L, KV, G, hd].
 
@@ -172,10 +191,12 @@ class Qwen2Attention(nn.Module):
       after_reads = jnp.zeros((), dtype) * out[0, 0, 0, 0]
       new_cache = _write_cache(cache, k + after_reads, v + after_reads, cache_index)
     else:
-      if cache is not None:
+      if cache is None:
+        out = _attend_chunk(q, k, v, mask, head_dim ** -0.5, dtype)        # [B, L, KV, G, hd]
+      else:
         new_cache = _write_cache(cache, k, v, cache_index)
-        k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-      out = _attend_chunk(q, k, v, mask, head_dim ** -0.5, dtype)          # [B, L, KV, G, hd]
+        out = _attend_prefill(q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), mask,
+                              head_dim ** -0.5, dtype)
     out = out.reshape(batch, length, heads * head_dim)
     return _dense(c, c.hidden_size, use_bias=False, name="o_proj")(out), new_cache
 
