@@ -8,6 +8,7 @@ transformers' module names so the conversion table (`convert/convnext.py`) reads
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from tinyvlm_jax.models.config import ConvNextV2Config
@@ -46,6 +47,43 @@ class GRN(nn.Module):
     return (gamma * (x32 * nx) + beta + x32).astype(self.dtype)
 
 
+class DepthwiseConv(nn.Module):
+  """nn.Conv(dim, (k, k), padding k // 2, feature_group_count=dim), with its parameter names,
+  shapes and init (kernel [k, k, 1, dim], bias [dim]).
+
+  On CPU it runs as a sum of k * k shifted slices times per-channel weights, which XLA fuses into
+  one loop: measured for ConvNeXt-V2-Tiny's 7x7 convs at 224 px (2 cores), 1.1 ms against 25 ms
+  for XLA:CPU's grouped convolution at 56x56x96, and about 17 ms against 214 ms for all 18 layers.
+  Elsewhere the grouped convolution.
+  """
+  dim: int
+  kernel_size: int = 7
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [N, H, W, C] -> [N, H, W, C]
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, self.dim), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.dim,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    pad = ((k // 2, k // 2), (k // 2, k // 2))
+
+    def grouped(x, kernel):
+      return jax.lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          feature_group_count=self.dim)
+
+    def shifted(x, kernel):
+      _, h, w, _ = x.shape
+      xp = jnp.pad(x, ((0, 0), *pad, (0, 0)))
+      out = xp[:, :h, :w] * kernel[0, 0, 0]
+      for i in range(k):
+        for j in range(k):
+          if i or j:
+            out = out + xp[:, i:i + h, j:j + w] * kernel[i, j, 0]
+      return out
+    return jax.lax.platform_dependent(x, kernel, cpu=shifted, default=grouped) + bias
+
+
 class ConvNextV2Embeddings(nn.Module):
   """Stem: patchify conv (kernel = stride = patch_size) and a channels-last LayerNorm."""
   config: ConvNextV2Config
@@ -68,8 +106,7 @@ class ConvNextV2Layer(nn.Module):
   @nn.compact
   def __call__(self, x):  # [N, h, w, C] -> [N, h, w, C]
     dtype = jnp.dtype(self.config.dtype)
-    y = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim, dtype=dtype,
-                name="dwconv")(x)
+    y = DepthwiseConv(self.dim, dtype=dtype, name="dwconv")(x)
     y = nn.LayerNorm(epsilon=_INNER_LN_EPS, dtype=dtype, name="layernorm")(y)
     y = nn.Dense(4 * self.dim, dtype=dtype, name="pwconv1")(y)  # [N, h, w, C] -> [N, h, w, 4C]
     y = activation(self.config.hidden_act)(y)
