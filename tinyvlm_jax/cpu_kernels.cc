@@ -521,9 +521,28 @@ void PackKeysValues(const float* kb, const float* vb, int64_t row, int64_t n, in
     }
 }
 
+// exp(s - max s) in place over one row of n scores (n % 8 == 0, at least one finite; -inf entries
+// become exactly 0); returns 1 / the row's sum.
+inline float SoftmaxRow(float* s, int64_t n) {
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  __m256 vmax = ninf;
+  for (int64_t j = 0; j < n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  const __m256 vm = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 l = _mm256_loadu_ps(s + j);
+    const __m256 e = _mm256_and_ps(Exp(_mm256_sub_ps(l, vm)), _mm256_cmp_ps(l, ninf, _CMP_GT_OQ));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return 1.f / Sum8(total);
+}
+
 // q, k, v, out [N, P, H, hd] (hd % 16 == 0): out = softmax(q k^T * scale) v per view and head, in
-// float32 with the row maximum subtracted. One task per (view, head): its keys are transposed
-// once to [hd, P'] (P' = P rounded up to 16), then blocks of queries go scores -> softmax -> values.
+// float32 with the row maximum subtracted. One task per (view, head): its keys and values are packed
+// once (PackKeysValues, P' = P rounded up to 16), then blocks of queries go scores -> softmax -> values.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, float scale, ffi::ResultBuffer<ffi::F32> out) {
   auto d = q.dimensions();
@@ -543,29 +562,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
       PackRows(qp + base + q0 * row, row, rows, hd, qbuf.get());
       Gemm16(qbuf.get(), hd, kt.get(), hd * 16, hd, sc.get(), Pp, rows, Pp);  // scaled scores
       float inv[kQueryBlock];  // 1 / each row's sum, applied to its output row
-      for (int64_t i = 0; i < rows; ++i) {
-        float* s = sc.get() + i * Pp;
-        __m256 vmax = _mm256_set1_ps(-INFINITY);
-        int64_t j = 0;
-        for (; j + 8 <= P; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, vmax);
-        float m = *std::max_element(lanes, lanes + 8);
-        for (; j < P; ++j) m = std::max(m, s[j]);
-        const __m256 vm = _mm256_set1_ps(m);
-        __m256 total = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= P; j += 8) {
-          const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-          _mm256_storeu_ps(s + j, e);
-          total = _mm256_add_ps(total, e);
-        }
-        float sum = Sum8(total);
-        for (; j < P; ++j) {
-          s[j] = _mm256_cvtss_f32(Exp(_mm256_set1_ps(s[j] - m)));
-          sum += s[j];
-        }
-        for (; j < Pp; ++j) s[j] = 0.f;
-        inv[i] = 1.f / sum;
+      for (int64_t i = 0; i < rows; ++i) {  // the padding columns P.. get probability 0
+        std::fill(sc.get() + i * Pp + P, sc.get() + (i + 1) * Pp, -INFINITY);
+        inv[i] = SoftmaxRow(sc.get() + i * Pp, Pp);
       }
       float* o = op + base + q0 * row;
       Gemm16(sc.get(), Pp, vpad.get(), Pp * 16, Pp, o, row, rows, hd);  // exp(scores) @ values
@@ -604,25 +603,13 @@ inline float MaskedSoftmaxRow(float* s, const bool* allowed, int64_t n, int64_t 
     std::fill(s, s + n, 0.f);
     return 0.f;
   }
-  __m256 vmax = ninf;
-  for (int64_t j = 0; j < n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  const __m256 vm = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
-  __m256 total = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) {  // n % 8 == 0; exp(-inf - max) is cleared to exactly 0
-    const __m256 l = _mm256_loadu_ps(s + j);
-    const __m256 e = _mm256_and_ps(Exp(_mm256_sub_ps(l, vm)), _mm256_cmp_ps(l, ninf, _CMP_GT_OQ));
-    _mm256_storeu_ps(s + j, e);
-    total = _mm256_add_ps(total, e);
-  }
-  return 1.f / Sum8(total);
+  return SoftmaxRow(s, n);
 }
 
 // q, out [B, L, KV, G, hd]; k, v [B, K, KV, hd]; mask [B, L, K] (hd % 16 == 0): query t of row b
 // attends to the keys s where mask[b, t, s], in float32 with the row maximum subtracted. A query
 // that sees no key gets the mean of all K values, as XLA's formulation with its -1e30 bias does.
-// One task per (row, query head): its keys are transposed (and scaled) once to [hd, K'], then
+// One task per (row, query head): its keys and values are packed once (PackKeysValues), then
 // blocks of 48 queries go scores -> softmax -> values over only the key columns that some query
 // of the block sees (for a causal prompt, the keys up to the block's last query), so the masked
 // half of the causal scores and the cache's empty slots cost nothing.
