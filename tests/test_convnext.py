@@ -141,3 +141,22 @@ def test_mismatched_checkpoint_names_the_key():
   with pytest.raises(CheckpointMismatchError, match="missing") as err:
     conv.params_from_hf(missing, cfg)
   assert key in str(err.value)
+
+
+def test_depthwise_conv_equals_flax_grouped_conv_with_its_gradients():
+  """On CPU DepthwiseConv sums shifted slices; it keeps nn.Conv's params, init, outputs and gradients."""
+  import flax.linen as nn
+  from tinyvlm_jax.models.convnext import DepthwiseConv
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 8), np.float32))
+  ours, ref = DepthwiseConv(8), nn.Conv(8, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=8)
+  params = ours.init(jax.random.key(0), x)
+  ref_params = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref_params)
+  np.testing.assert_array_equal(params["params"]["kernel"], ref_params["params"]["kernel"])  # same init
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+  if jax.default_backend() == "cpu":
+    assert "convolution" not in jax.jit(ours.apply).lower(params, x).as_text()  # the shifted sum ran
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  for got, want in zip(jax.grad(loss(ours), argnums=(0, 1))(params, x), jax.grad(loss(ref), argnums=(0, 1))(params, x)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
