@@ -166,7 +166,8 @@ def test_decode_attention_kernel_equals_the_xla_formulation(b, kv, g, hd, slots)
   np.testing.assert_allclose(np.asarray(got)[-1], np.broadcast_to(v_new[-1][:, None], (kv, g, hd)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("b,length,kv,g,hd,slots", [(1, 200, 2, 7, 64, 264), (3, 50, 1, 3, 16, 61), (2, 9, 2, 1, 48, 9)])
+@pytest.mark.parametrize("b,length,kv,g,hd,slots",
+                         [(1, 200, 2, 7, 64, 264), (3, 50, 1, 3, 16, 61), (2, 9, 2, 1, 48, 9)])
 def test_prefill_attention_kernel_equals_the_xla_formulation(b, length, kv, g, hd, slots):
   if not cpu_kernels.available():
     pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")

@@ -4,10 +4,10 @@ the attention of a decode step and of a prompt chunk against the KV cache
 (`tinyvlm_jax.models.qwen2`) and the vision tower's attention (`tinyvlm_jax.models.siglip`).
 
 Each caller wraps them in `jax.lax.platform_dependent`, so one program still runs everywhere:
-the kernels on CPU, the plain XLA formulation on accelerators (SigLIP's attention, whose gradient
-recomputes the forward, is used only when the default backend is the CPU). Where they are unavailable (no
-x86 CPU with AVX2 and FMA, no compiler, or TINYVLM_CPU_KERNELS=0) the XLA formulation runs on
-CPU too. The library is cached under $TINYVLM_KERNEL_CACHE (default ~/.cache/tinyvlm_jax), keyed
+the kernels on CPU, the plain XLA formulation on accelerators (SigLIP's attention, whose
+gradient recomputes the forward, is used only when the default backend is the CPU). Where they are
+unavailable (no x86 CPU with AVX2 and FMA, no compiler, or TINYVLM_CPU_KERNELS=0) the XLA
+formulation runs on CPU too. The library is cached under $TINYVLM_KERNEL_CACHE (default ~/.cache/tinyvlm_jax), keyed
 by the source, the jax version and the CPU.
 """
 
@@ -88,6 +88,13 @@ def available() -> bool:
   for name, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(f"tinyvlm_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return True
+
+
+def fits(*arrays, multiple: int) -> bool:
+  """Whether a kernel takes these operands: the kernels are available, every array is float32 and
+  the last dimension of the first (the head dim) is a multiple of `multiple`."""
+  return (all(jnp.dtype(a.dtype) == jnp.float32 for a in arrays) and arrays[0].shape[-1] % multiple == 0
+          and available())
 
 
 def call(name: str, shape, *args, **attrs):

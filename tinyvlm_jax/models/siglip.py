@@ -95,11 +95,10 @@ def attention(q, k, v, scale: float):
 
   When the default backend is the CPU (float32, head_dim a multiple of 16), the `attention` kernel
   of `tinyvlm_jax.cpu_kernels`: measured at full size (5 views of 576 patches, 12 heads, 2 cores)
-  42-49 ms per layer against XLA's 104-127 ms (timed in turn). Its gradient is XLA's (it recomputes the forward).
-  Elsewhere `attention_xla`, with XLA's own gradient.
+  42-49 ms per layer against XLA's 104-127 ms (timed in turn). Its gradient is XLA's (it
+  recomputes the forward). Elsewhere `attention_xla`, with XLA's own gradient.
   """
-  if (q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 16 == 0 and jax.default_backend() == "cpu"
-      and cpu_kernels.available()):
+  if jax.default_backend() == "cpu" and cpu_kernels.fits(q, k, v, multiple=16):
     return _attention_cpu(q, k, v, scale)
   return attention_xla(q, k, v, scale)
 
