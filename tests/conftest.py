@@ -1,11 +1,24 @@
-"""Test setup: CPU, fp32, deterministic; a few shared fixtures."""
+"""Test setup: CPU, fp32, deterministic; a compilation cache shared by the whole session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Many tests build the same programs (the tiny preset's init alone compiles for ~7 s) in fresh jit
+# wrappers, and the CLI tests in fresh processes. A persistent compilation cache in a new folder
+# for this session (inherited by the subprocesses through the environment) compiles each program
+# once; every run still starts empty, so nothing is carried over from an earlier checkout.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="tinyvlm_test_jax_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 

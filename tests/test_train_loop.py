@@ -2,7 +2,8 @@
 devices, and 2 processes x 4 devices.
 
 Every run is a subprocess (`python launch/train.py --config <tiny config> --workdir ...`); they
-share a persistent compilation cache, so each distinct program compiles once per session.
+share the session's persistent compilation cache (conftest.py), so each distinct program compiles
+once per session.
 Faults are injected through TINYVLM_FAULT (tinyvlm_jax/train/loop.py).
 """
 
@@ -35,9 +36,8 @@ def setup(tmp_path_factory):
   config.write_text(
       "from tinyvlm_jax.train.testing import tiny_stage_config\n\n\n"
       f"def get_config():\n  return tiny_stage_config({data!r}, {tok!r})\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # The environment carries the session's compilation cache (conftest.py) to every run.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("TINYVLM_FAULT", None)
   return {"root": root, "config": str(config), "env": env}
 
@@ -85,6 +85,7 @@ def straight(setup):
   wd = setup["root"] / "straight"
   out = train(setup, wd)
   assert committed(wd) == [3, 6], out
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd / STAGE / "tb"))  # TensorBoard
   return wd
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Iterable
 
 import jax
@@ -35,6 +36,25 @@ def truncate_metrics(path: str, last_step: int) -> None:
   os.replace(tmp, path)
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter class, imported without torch.
+
+  tensorboardX imports torch whenever it is installed, only to accept torch tensors; this logger
+  writes Python floats, and the import cost every training run 3-4 s of start-up here. torch is
+  hidden for the length of the import (unless something imported it already) and importable again
+  afterwards.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsLogger:
   """metrics.jsonl + TensorBoard (tensorboardX) + a tqdm bar, in `stage_dir`."""
 
@@ -49,8 +69,7 @@ class MetricsLogger:
       return
     os.makedirs(stage_dir, exist_ok=True)
     truncate_metrics(self.path, start_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(stage_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+    self._tb = _summary_writer()(os.path.join(stage_dir, "tb"), purge_step=start_step + 1 if start_step else None)
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
