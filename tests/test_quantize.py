@@ -9,7 +9,7 @@ from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax import quantize as q
 from tinyvlm_jax.generate import LMDecoder, VLMGenerator
 from tinyvlm_jax.models.qwen2 import Qwen2ForCausalLM
-from tinyvlm_jax.models.tinyvlm import TinyVLM, init_params
+from tinyvlm_jax.models.tinyvlm import TinyVLM, init_params, param_shapes
 from tinyvlm_jax.presets import model_config
 
 STOP = (3, 4)
@@ -98,11 +98,24 @@ def test_quantized_tiny_vlm_logits_close_to_float32(tiny_vlm, mode, max_rel):
   out = logits(qcfg, qparams)
   rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
   assert 0 < rel <= max_rel, rel  # measured: int8 0.007, int4 (group 32) 0.19
-  # quantized towers hold int weights; norms, CNN and heads are untouched
+  # quantized towers hold int weights; norms, heads and CNN layers too narrow to pack are untouched
   assert qparams["llm"]["layers_0"]["mlp"]["up_proj"]["qkernel"].dtype in (np.int8, np.uint8)
   assert qparams["vision"]["encoder"]["layers_0"]["mlp"]["fc1"]["qkernel"].dtype in (np.int8, np.uint8)
-  assert qparams["cnn"] is params["cnn"] and qparams["connector"] is params["connector"]
+  cnn, qcnn = params["cnn"]["stages_3"]["layers_0"], qparams["cnn"]["stages_3"]["layers_0"]
+  assert qcnn["pwconv1"]["qkernel"].dtype in (np.int8, np.uint8) and qcnn["pwconv2"]["bias"] is cnn["pwconv2"]["bias"]
+  assert qparams["cnn"]["stages_0"]["layers_0"]["pwconv1"] is params["cnn"]["stages_0"]["layers_0"]["pwconv1"]  # K=8
+  assert "qkernel" in qparams["cnn"]["stages_0"]["layers_0"]["pwconv2"]  # [8, 32] packs
+  assert qparams["connector"] is params["connector"] and qcnn["dwconv"]["kernel"] is cnn["dwconv"]["kernel"]
   assert q.weight_bytes(qparams["llm"]) < 0.35 * q.weight_bytes(params["llm"])
+
+
+def test_full_size_weight_bytes():
+  """The quantized full-size model's weights, from shapes alone: int4 (group 128) near the
+  paper's 300 MB (every tower's Dense layers packed; the 5.2 M head weights stay float32)."""
+  cfg = model_config("tinyvlm_0p6b")
+  size = {mode: q.weight_bytes(param_shapes(q.quantized_config(cfg, mode))) / 1e6 for mode in ("none", "int8", "int4")}
+  assert 2440 < size["none"] < 2460, size
+  assert 630 < size["int8"] < 650 and 350 < size["int4"] < 360, size
 
 
 def test_quantized_greedy_decoding_agrees_with_float32():

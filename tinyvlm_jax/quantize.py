@@ -1,10 +1,11 @@
-"""Weight-only int8 / int4 quantization of the LLM and the vision tower.
+"""Weight-only int8 / int4 quantization of the LLM, the vision tower and the CNN.
 
 `quantize_params(params, config, mode)` turns the float32 params of a trained model into
 quantized ones and `quantized_config(config, mode)` sets the `quantization` field that makes
-`Qwen2ForCausalLM` / `SiglipVisionTower` build `QuantDense` / `QuantEmbed` layers instead of
-`nn.Dense` / `nn.Embed`. Norms, biases, convolutions, position embeddings, the heads and the
-CNN stay float32.
+`Qwen2ForCausalLM` / `SiglipVisionTower` / `ConvNextV2` build `QuantDense` / `QuantEmbed` layers
+instead of `nn.Dense` / `nn.Embed` (in the CNN, the blocks' pointwise layers whose widths fit the
+packing). Norms, biases, convolutions, position embeddings and the heads (pooler, connector,
+fuser: 5.2 M weights at full size) stay float32.
 
 Modes: `int8`, one scale per output channel (symmetric, q in [-127, 127]); `int4` (group 128),
 `int4_g64`, `int4_g32`: one scale per output channel and group of G inputs (q in [-7, 7]).
@@ -69,8 +70,13 @@ def parse_mode(mode: str) -> QuantMode | None:
 # ---------------------------------------------------------------------------------------
 # Packing (numpy, done once) and unpacking (jnp, inside the model).
 
+def packable(n: int, k: int) -> bool:
+  """Whether an [N, K] weight fits the packed layouts: N % 8 == 0 and K % 32 == 0."""
+  return n % TILE_ROWS == 0 and k % 32 == 0
+
+
 def _check_dims(n: int, k: int, what: str) -> None:
-  if n % TILE_ROWS or k % 32:
+  if not packable(n, k):
     raise ValueError(f"{what}: a quantized weight needs outputs N % {TILE_ROWS} == 0 and inputs K % 32 == 0, "
                      f"got N={n}, K={k}")
 
@@ -229,18 +235,24 @@ def _quantize_weight(w_t: np.ndarray, mode: QuantMode, what: str) -> tuple[np.nd
   return quantize_int4(w_t, mode.group_for(w_t.shape[1]), what)
 
 
-def _quantize_tree(tree: dict, mode: QuantMode, path: tuple[str, ...], embeddings: bool) -> dict:
+def _quantize_tree(tree: dict, mode: QuantMode, path: tuple[str, ...], embeddings: bool,
+                   only_packable: bool = False) -> dict:
+  """Quantizes every Dense kernel under `tree` (and the embedding table when `embeddings`); with
+  `only_packable`, kernels that do not fit the packing stay float (elsewhere they are an error)."""
   out = {}
   for name, node in tree.items():
     where = path + (name,)
-    if isinstance(node, dict) and "kernel" in node and np.ndim(node["kernel"]) == 2:
+    dense = isinstance(node, dict) and "kernel" in node and np.ndim(node["kernel"]) == 2
+    if dense and only_packable and not packable(*np.shape(node["kernel"])[::-1]):
+      out[name] = node
+    elif dense:
       q, scale = _quantize_weight(np.asarray(node["kernel"]).T, mode, "/".join(where))  # Flax [K, N] -> [N, K]
       out[name] = {"qkernel": q, "scale": scale, **({"bias": node["bias"]} if "bias" in node else {})}
     elif isinstance(node, dict) and embeddings and name == "embed_tokens" and "embedding" in node:
       q, scale = _quantize_weight(np.asarray(node["embedding"]), mode, "/".join(where))
       out[name] = {"qembedding": q, "scale": scale}
     elif isinstance(node, dict):
-      out[name] = _quantize_tree(node, mode, where, embeddings)
+      out[name] = _quantize_tree(node, mode, where, embeddings, only_packable)
     else:
       out[name] = node
   return out
@@ -249,38 +261,45 @@ def _quantize_tree(tree: dict, mode: QuantMode, path: tuple[str, ...], embedding
 def quantize_params(params: dict, config, mode: str) -> dict:
   """Float params -> quantized params for `quantized_config(config, mode)`.
 
-  `config` is a TinyVLMConfig (quantizes params["vision"] and params["llm"]), a QwenConfig or a
-  SiglipConfig (params of that tower alone). Returns new numpy leaves for the quantized layers
-  and the same objects elsewhere; mode "none" returns `params` itself.
+  `config` is a TinyVLMConfig (quantizes params["vision"], params["llm"] and, when the model has
+  one, params["cnn"]), or a QwenConfig, SiglipConfig or ConvNextV2Config (params of that tower
+  alone). The CNN's Dense layers are quantized where they fit the packing (`packable`); the small
+  early-stage layers of a reduced preset stay float. Returns new numpy leaves for the quantized
+  layers and the same objects elsewhere; mode "none" returns `params` itself.
   """
-  from tinyvlm_jax.models.config import QwenConfig, SiglipConfig, TinyVLMConfig
+  from tinyvlm_jax.models.config import ConvNextV2Config, QwenConfig, SiglipConfig, TinyVLMConfig
   qmode = parse_mode(mode)
   if qmode is None:
     return params
   if set(params) == {"params"}:
     return {"params": quantize_params(params["params"], config, mode)}
   if isinstance(config, TinyVLMConfig):
-    for tower in ("vision", "llm"):
+    for tower in ("vision", "llm") + (("cnn",) if config.use_cnn else ()):
       if tower not in params:
         raise ValueError(f"quantize_params: the TinyVLM params have no {tower!r} tower (keys {sorted(params)})")
     out = dict(params)
     out["vision"] = _quantize_tree(params["vision"], qmode, ("vision",), embeddings=False)
     out["llm"] = _quantize_tree(params["llm"], qmode, ("llm",), embeddings=True)
+    if config.use_cnn:
+      out["cnn"] = _quantize_tree(params["cnn"], qmode, ("cnn",), embeddings=False, only_packable=True)
     return out
   if isinstance(config, QwenConfig):
     return _quantize_tree(params, qmode, (), embeddings=True)
   if isinstance(config, SiglipConfig):
     return _quantize_tree(params, qmode, (), embeddings=False)
-  raise TypeError(f"quantize_params: config must be a TinyVLMConfig, QwenConfig or SiglipConfig, got {type(config)}")
+  if isinstance(config, ConvNextV2Config):
+    return _quantize_tree(params, qmode, (), embeddings=False, only_packable=True)
+  raise TypeError("quantize_params: config must be a TinyVLMConfig, QwenConfig, SiglipConfig or ConvNextV2Config, "
+                  f"got {type(config)}")
 
 
 def quantized_config(config, mode: str):
-  """The config whose modules hold `quantize_params(..., mode)`'s params (LLM and vision tower)."""
+  """The config whose modules hold `quantize_params(..., mode)`'s params (LLM, vision tower, CNN)."""
   from tinyvlm_jax.models.config import TinyVLMConfig
   parse_mode(mode)
   if isinstance(config, TinyVLMConfig):
-    return dataclasses.replace(config, vision=dataclasses.replace(config.vision, quantization=mode),
-                               llm=dataclasses.replace(config.llm, quantization=mode))
+    return dataclasses.replace(config, **{tower: dataclasses.replace(getattr(config, tower), quantization=mode)
+                                          for tower in ("vision", "llm", "cnn")})
   return dataclasses.replace(config, quantization=mode)
 
 

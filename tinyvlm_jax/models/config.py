@@ -87,6 +87,9 @@ class ConvNextV2Config:
   layer_norm_eps: float = 1e-6
   hidden_act: str = "gelu"
   dtype: str = "float32"
+  # none | int8 | int4 | int4_g{32,64,128}: the blocks' pointwise Dense layers, weight-only, where
+  # their widths fit the packing (tinyvlm_jax.quantize.packable); convolutions stay float32
+  quantization: str = "none"
 
   @property
   def grid(self) -> int:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyvlm_jax.models.config import ConvNextV2Config
+from tinyvlm_jax.quantize import QuantDense, packable
 
 # transformers hard-codes eps=1e-6 for the stem, downsampling and block LayerNorms; only the
 # final (pooler) LayerNorm reads `config.layer_norm_eps`.
@@ -30,6 +31,15 @@ def activation(name: str):
   if name not in _ACTIVATIONS:
     raise ValueError(f"ConvNextV2Config.hidden_act={name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
   return _ACTIVATIONS[name]
+
+
+def _dense(cfg: ConvNextV2Config, features: int, in_features: int, name: str) -> nn.Module:
+  """nn.Dense, or its weight-only quantized twin when `cfg.quantization` is set and the
+  [features, in_features] weight fits the packing (as `quantize.quantize_params` decides)."""
+  dtype = jnp.dtype(cfg.dtype)
+  if cfg.quantization != "none" and packable(features, in_features):
+    return QuantDense(features, cfg.quantization, dtype=dtype, name=name)
+  return nn.Dense(features, dtype=dtype, name=name)
 
 
 class GRN(nn.Module):
@@ -108,10 +118,10 @@ class ConvNextV2Layer(nn.Module):
     dtype = jnp.dtype(self.config.dtype)
     y = DepthwiseConv(self.dim, dtype=dtype, name="dwconv")(x)
     y = nn.LayerNorm(epsilon=_INNER_LN_EPS, dtype=dtype, name="layernorm")(y)
-    y = nn.Dense(4 * self.dim, dtype=dtype, name="pwconv1")(y)  # [N, h, w, C] -> [N, h, w, 4C]
+    y = _dense(self.config, 4 * self.dim, self.dim, "pwconv1")(y)  # [N, h, w, C] -> [N, h, w, 4C]
     y = activation(self.config.hidden_act)(y)
     y = GRN(4 * self.dim, dtype=dtype, name="grn")(y)
-    y = nn.Dense(self.dim, dtype=dtype, name="pwconv2")(y)  # [N, h, w, 4C] -> [N, h, w, C]
+    y = _dense(self.config, self.dim, 4 * self.dim, "pwconv2")(y)  # [N, h, w, 4C] -> [N, h, w, C]
     return x + y  # no layer scale in V2; drop path is the identity at inference
 
 
