@@ -116,6 +116,16 @@ def test_full_size_weight_bytes():
   size = {mode: q.weight_bytes(param_shapes(q.quantized_config(cfg, mode))) / 1e6 for mode in ("none", "int8", "int4")}
   assert 2440 < size["none"] < 2460, size
   assert 630 < size["int8"] < 650 and 350 < size["int4"] < 360, size
+  # quantize_params packs the full-size CNN into exactly the params its quantized module declares
+  # (int4 groups of 128 do not divide stage 2's 192 inputs: that layer stays float32)
+  rng = np.random.default_rng(0)
+  shapes = param_shapes(cfg)["cnn"]
+  cnn = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * np.float32(0.02), shapes)
+  for mode in ("int8", "int4", "int4_g64"):
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), q.quantize_params(cnn, cfg.cnn, mode))
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), param_shapes(q.quantized_config(cfg, mode))["cnn"])
+    assert got == want, mode
+  assert "kernel" in q.quantize_params(cnn, cfg.cnn, "int4")["stages_1"]["layers_0"]["pwconv1"]
 
 
 def test_quantized_greedy_decoding_agrees_with_float32():

@@ -70,9 +70,10 @@ def parse_mode(mode: str) -> QuantMode | None:
 # ---------------------------------------------------------------------------------------
 # Packing (numpy, done once) and unpacking (jnp, inside the model).
 
-def packable(n: int, k: int) -> bool:
-  """Whether an [N, K] weight fits the packed layouts: N % 8 == 0 and K % 32 == 0."""
-  return n % TILE_ROWS == 0 and k % 32 == 0
+def packable(n: int, k: int, mode: QuantMode | None = None) -> bool:
+  """Whether an [N, K] weight fits the packed layouts: N % 8 == 0, K % 32 == 0 and, for int4
+  `mode`, whole groups (K = 192 does not fit groups of 128)."""
+  return n % TILE_ROWS == 0 and k % 32 == 0 and (mode is None or mode.bits == 8 or k % mode.group_for(k) == 0)
 
 
 def _check_dims(n: int, k: int, what: str) -> None:
@@ -174,6 +175,9 @@ def quantized_matmul(x, qkernel, scale):
 
 def quantized_shapes(n: int, k: int, mode: QuantMode) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Parameter name -> (shape, dtype) of a quantized [N, K] weight."""
+  if not packable(n, k, mode):
+    raise ValueError(f"a quantized weight needs outputs N % {TILE_ROWS} == 0, inputs K % 32 == 0 and, for int4, "
+                     f"K a multiple of the group size {mode.group_size}; got N={n}, K={k}")
   if mode.bits == 8:
     return {"q": ((n // 8, k // 8, 8, 8), jnp.int8), "scale": ((n,), jnp.float32)}
   return {"q": ((n // 8, k // 32, 8, 16), jnp.uint8), "scale": ((n, k // mode.group_for(k)), jnp.float32)}
@@ -243,7 +247,7 @@ def _quantize_tree(tree: dict, mode: QuantMode, path: tuple[str, ...], embedding
   for name, node in tree.items():
     where = path + (name,)
     dense = isinstance(node, dict) and "kernel" in node and np.ndim(node["kernel"]) == 2
-    if dense and only_packable and not packable(*np.shape(node["kernel"])[::-1]):
+    if dense and only_packable and not packable(*np.shape(node["kernel"])[::-1], mode):
       out[name] = node
     elif dense:
       q, scale = _quantize_weight(np.asarray(node["kernel"]).T, mode, "/".join(where))  # Flax [K, N] -> [N, K]
