@@ -20,6 +20,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# The tests compile many small programs and run each a few times: compile with the options
+# that test subprocesses and init_params use (set before jax creates its CPU backend).
+from tinyvlm_jax.train.testing import FAST_COMPILE_FLAGS  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", FAST_COMPILE_FLAGS)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

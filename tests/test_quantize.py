@@ -1,5 +1,7 @@
 """Weight-only int8/int4: error bounds, packing, CPU kernels against XLA, quantized TinyVLM and generation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax import quantize as q
 from tinyvlm_jax.generate import LMDecoder, VLMGenerator
+from tinyvlm_jax.models.convnext import ConvNextV2
 from tinyvlm_jax.models.qwen2 import Qwen2ForCausalLM
 from tinyvlm_jax.models.tinyvlm import TinyVLM, init_params, param_shapes
 from tinyvlm_jax.presets import model_config
@@ -113,18 +116,19 @@ def test_full_size_weight_bytes():
   """The quantized full-size model's weights, from shapes alone: int4 (group 128) near the
   paper's 300 MB (every tower's Dense layers packed; the 5.2 M head weights stay float32)."""
   cfg = model_config("tinyvlm_0p6b")
-  size = {mode: q.weight_bytes(param_shapes(q.quantized_config(cfg, mode))) / 1e6 for mode in ("none", "int8", "int4")}
-  assert 2440 < size["none"] < 2460, size
-  assert 630 < size["int8"] < 650 and 350 < size["int4"] < 360, size
+  int4_mb = q.weight_bytes(param_shapes(q.quantized_config(cfg, "int4"))) / 1e6
+  assert 350 < int4_mb < 360, int4_mb  # float32: 2453 MB
   # quantize_params packs the full-size CNN into exactly the params its quantized module declares
   # (int4 groups of 128 do not divide stage 2's 192 inputs: that layer stays float32)
+  def cnn_shapes(mode):
+    c = dataclasses.replace(cfg.cnn, quantization=mode)
+    pixels = jnp.zeros((1, c.image_size, c.image_size, c.num_channels))
+    return jax.eval_shape(lambda k: ConvNextV2(c).init(k, pixels)["params"], jax.random.key(0))
   rng = np.random.default_rng(0)
-  shapes = param_shapes(cfg)["cnn"]
-  cnn = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * np.float32(0.02), shapes)
+  cnn = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * np.float32(0.02), cnn_shapes("none"))
   for mode in ("int8", "int4", "int4_g64"):
     got = jax.tree.map(lambda x: (x.shape, x.dtype), q.quantize_params(cnn, cfg.cnn, mode))
-    want = jax.tree.map(lambda x: (x.shape, x.dtype), param_shapes(q.quantized_config(cfg, mode))["cnn"])
-    assert got == want, mode
+    assert got == jax.tree.map(lambda x: (x.shape, x.dtype), cnn_shapes(mode)), mode
   assert "kernel" in q.quantize_params(cnn, cfg.cnn, "int4")["stages_1"]["layers_0"]["pwconv1"]
 
 

@@ -8,7 +8,9 @@ import json
 import sys
 
 TRAINABLE = ("vision", "pooler", "connector", "llm", "fuser")  # the CNN stays frozen
-MESHES = {"data2_fsdp4": dict(data=2, fsdp=4, tensor=1), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
+# One mesh that splits over every axis (test_train_loop also trains on data=2, fsdp=4); each mesh
+# here costs about 25 s of compilation.
+MESHES = {"data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
 
 
 def _worker():
@@ -73,8 +75,8 @@ def test_sharded_step_matches_one_device():
     assert r["moved"] > 1e-4, (name, r)  # the params compared did change
     assert r["frozen_identical"], name
     assert r["largest_is_embedding"]
-  total, shard = out["meshes"]["data2_fsdp4"]["largest"]
-  assert shard * 4 == total, out["meshes"]["data2_fsdp4"]
+  total, shard = out["meshes"]["data2_fsdp2_tensor2"]["largest"]
+  assert shard * 2 == total, out["meshes"]["data2_fsdp2_tensor2"]  # the embedding [V, D] splits D over fsdp
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:

@@ -114,7 +114,10 @@ def dummy_inputs(config: TinyVLMConfig, batch: int = 1, seq_len: int | None = No
 
 
 # XLA:CPU compiler options for programs that run once or a few times (init here, test subprocesses).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Measured on the tiny preset's gradient program: 35 s to compile with XLA's defaults, 22 s without
+# the backend optimisations, 13 s without the fusion emitters as well.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False}
 
 
 def init_params(config: TinyVLMConfig, rng: jax.Array):
