@@ -104,7 +104,11 @@ def _attend_chunk(q, k, v, mask, scale: float, dtype):
   bias = jnp.where(mask, 0.0, _MASKED)[:, None, None]                       # [B, 1, 1, L, K]
   logits = jnp.einsum("bkmd,bksd->bkms", qh, kh, preferred_element_type=jnp.float32)
   logits = logits.reshape(b, kv, g, length, keys) * scale + bias
-  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))      # [B, KV, G, L, K]
+  # The shift is held constant for the gradient (softmax does not depend on it), as jax.nn.softmax
+  # does: jnp.max's own gradient divides by a count of equal elements, which an XLA:CPU build at
+  # optimisation level 0 can make 0 (NaN).
+  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.exp(logits - shift)                                         # [B, KV, G, L, K]
   out = jnp.einsum("bkms,bksd->bkmd", weights.reshape(b, kv, g * length, keys).astype(dtype), vh)
   out = out.reshape(b, kv, g, length, hd) / jnp.sum(weights, axis=-1)[..., None].astype(dtype)
   return jnp.transpose(out, (0, 3, 1, 2, 4))

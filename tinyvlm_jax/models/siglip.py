@@ -109,7 +109,8 @@ def attention_xla(q, k, v, scale: float):
   [P, P] scores)."""
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [N, heads, P, head_dim]
   logits = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
-  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [N, heads, P, P]
+  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # constant for the gradient, as in qwen2
+  weights = jnp.exp(logits - shift)  # [N, heads, P, P]
   out = jnp.einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v) / jnp.sum(weights, -1, keepdims=True).astype(v.dtype)
   return jnp.swapaxes(out, 1, 2)
 

@@ -109,7 +109,11 @@ class TagHead(nn.Module):
     b, v = pixel_values.shape[:2]
     feats, _ = SiglipVisionTower(self.config.vision, name="vision")(pixel_values.reshape((b * v,) + pixel_values.shape[2:]))
     feats = feats.reshape((b, v) + feats.shape[1:]).astype(jnp.float32)  # [B, V, P, D]
-    pooled = jnp.concatenate([feats.mean(axis=2), feats.max(axis=2)], axis=-1)  # [B, V, 2D]
+    # The max through the argmax's element: its gradient goes to that element alone. jnp.max's own
+    # gradient divides by the count of elements equal to the max, and an XLA:CPU build at
+    # optimisation level 0 computed `feats` twice with different roundings: a count of 0, NaN.
+    top = jnp.take_along_axis(feats, jnp.argmax(feats, axis=2)[:, :, None], axis=2)[:, :, 0]  # [B, V, D]
+    pooled = jnp.concatenate([feats.mean(axis=2), top], axis=-1)  # [B, V, 2D]
     return nn.Dense(self.num_tags, name="head")(pooled.reshape(b, -1))
 
 
