@@ -54,20 +54,26 @@ def test_bad_mode_and_shapes_are_named():
   assert q.parse_mode("int4") == q.QuantMode(4, 128) and q.parse_mode("int4_g32").group_for(64) == 32
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4_g64"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4_g64"])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # GEMV kernel (<= 16 rows) and dequantize + dot
 def test_cpu_kernels_equal_the_xla_path(mode, rows, monkeypatch):
   if not cpu_kernels.available():
     pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
   rng = np.random.default_rng(2)
-  n, k = 136, 192
+  n, k = 136, 256
   w = rng.normal(size=(n, k)).astype(np.float32)
   mode_ = q.parse_mode(mode)
   qk, scale = q.quantize_int8(w) if mode_.bits == 8 else q.quantize_int4(w, mode_.group_size)
   x = rng.normal(size=(rows, k)).astype(np.float32)
+  x[0, :64] *= 1e-3  # a group of small inputs: the int4 GEMV scales x per group
   want = x @ np.asarray(q.dequantize(jnp.asarray(qk), jnp.asarray(scale))).T
   got = np.asarray(jax.jit(q.quantized_matmul)(x, qk, scale))
+  # The int4 GEMV rounds each group of x to int16: within 1.5e-5 of the group's largest input.
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  bad = x.copy()
+  bad[-1, 5] = np.nan  # a non-finite input gives NaN outputs in its row only, as a float product does
+  got = np.asarray(jax.jit(q.quantized_matmul)(bad, qk, scale))
+  assert np.isnan(got[-1]).all() and np.isfinite(got[:-1]).all()
   monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   xla = np.asarray(jax.jit(q.quantized_matmul)(x, qk, scale))
   np.testing.assert_allclose(xla, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
