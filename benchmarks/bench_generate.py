@@ -51,7 +51,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tinyvlm_jax.cpu_runtime import RssSampler, lifetime_peak_rss  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tinyvlm_jax.cpu_runtime import PeakRss, lifetime_peak_rss  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 
@@ -139,7 +139,7 @@ def child_jax(args, inputs) -> dict:
   start = time.perf_counter()
   once()
   warmup_s = time.perf_counter() - start
-  with RssSampler() as rss:
+  with PeakRss() as rss:
     runs = [once() for _ in range(args.repeats)]
   return dict(median_runs([r for r, _ in runs]), rss_gb=rss.peak / 1e9, rss_peak_gb=lifetime_peak_rss() / 1e9,
               weight_bytes=sum(towers.values()), weight_bytes_by_part=towers, llm_bytes=towers["llm"],
@@ -189,7 +189,7 @@ def child_torch(args, inputs) -> dict:
   start = time.perf_counter()
   once()
   warmup_s = time.perf_counter() - start
-  with RssSampler() as rss:
+  with PeakRss() as rss:
     runs = [once() for _ in range(args.repeats)]
   nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
   return dict(median_runs([r for r, _ in runs]), rss_gb=rss.peak / 1e9, rss_peak_gb=lifetime_peak_rss() / 1e9,

@@ -25,7 +25,7 @@ timed steps (each waited on); the median is reported:
                  the peak is flops.py's table for accelerators, a measured float32 512x512 matmul
                  rate on CPU, or --peak-flops
   memory         CPU: peak RSS over the process's life (resource.getrusage, includes building the
-                 state) and sampled during the timed steps; GPU/TPU: device.memory_stats()
+                 state) and during the timed steps (the kernel's high-water mark, cpu_runtime.PeakRss); GPU/TPU: device.memory_stats()
                  peak_bytes_in_use; everywhere: XLA's temp bytes of the compiled step
 
 Last stdout line: one JSON object with the machine (device kind, platform, device and CPU count,
@@ -61,7 +61,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -75,7 +74,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from tinyvlm_jax.cpu_runtime import RssSampler  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tinyvlm_jax.cpu_runtime import PeakRss, lifetime_peak_rss  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "stage2.py")
 MIN_TEXT_TOKENS = 3  # a row needs a few text tokens around the image (testing.random_batch)
@@ -163,7 +162,7 @@ def memory_report(compiled, platform_name: str) -> dict:
   except Exception:  # pylint: disable=broad-except
     pass  # not every backend reports it
   if platform_name == "cpu":
-    out["rss_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    out["rss_peak_gb"] = lifetime_peak_rss() / 1e9  # PeakRss resets the kernel's own high-water mark
   else:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -230,7 +229,7 @@ def run_one(args, remat: str, dtype: str, log) -> dict:
   warmup_s = time.perf_counter() - t0
   losses = [float(metrics["loss"])]
   times = []
-  with RssSampler() as rss:
+  with PeakRss() as rss:
     for i in range(args.steps):
       t0 = time.perf_counter()
       state, metrics = compiled(state, global_batch)

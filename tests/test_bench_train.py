@@ -74,3 +74,14 @@ def test_a_failing_configuration_is_recorded_and_the_next_runs(capsys):
   anchor = out["paper_anchor"]
   np.testing.assert_allclose(anchor["samples_per_s"], anchor["steps"] * anchor["global_batch"] / (77.5 * 3600))
   assert out["machine"]["cpu_count"] == os.cpu_count()
+
+
+def test_peak_rss_measures_its_block_and_keeps_the_lifetime_peak():
+  from tinyvlm_jax.cpu_runtime import PeakRss, lifetime_peak_rss
+  big = np.ones(400_000_000 // 8)  # a 400 MB peak before the block, freed
+  del big
+  with PeakRss() as rss:
+    block = np.ones(100_000_000 // 8)
+    del block
+  assert rss.peak >= 100e6  # the block's 100 MB are in its peak
+  assert rss.peak < lifetime_peak_rss() - 200e6  # the earlier peak is not, but the lifetime keeps it
