@@ -4,7 +4,9 @@
 //
 // Quantized layers. XLA:CPU converts an int8 dot operand to float32 in memory before the dot (about 0.3 G
 // weights/s here), so decoding with int8 weights would be slower than float32. These kernels read
-// the packed weights once, dequantize in registers, and split the rows over XLA's intra-op pool.
+// the packed weights once, dequantize in registers, and split the rows over XLA's intra-op pool
+// (int4 multiplies in integers, with x rounded to int16 per group: see RowsI4). An int8 kernel in
+// integers as well ran no faster here: int8 streams its weights at the memory's speed already.
 //
 // Weights are stored in row tiles so that a tile is one contiguous stream (N outputs, K inputs):
 //   int8: q int8 [N/8, K/8, 8, 8]     tile (i, j) holds rows 8i..8i+7, columns 8j..8j+7
