@@ -25,8 +25,9 @@ timed steps (each waited on); the median is reported:
                  the peak is flops.py's table for accelerators, a measured float32 512x512 matmul
                  rate on CPU, or --peak-flops
   memory         CPU: peak RSS over the process's life (resource.getrusage, includes building the
-                 state) and during the timed steps (the kernel's high-water mark, cpu_runtime.PeakRss); GPU/TPU: device.memory_stats()
-                 peak_bytes_in_use; everywhere: XLA's temp bytes of the compiled step
+                 state) and during the timed steps (the kernel's high-water mark, cpu_runtime.PeakRss);
+                 GPU/TPU: device.memory_stats() peak_bytes_in_use; everywhere: XLA's temp bytes of the
+                 compiled step
 
 Last stdout line: one JSON object with the machine (device kind, platform, device and CPU count,
 load average, date), every configuration, and the paper's anchor: stage 2 took 77.5 A100-hours
