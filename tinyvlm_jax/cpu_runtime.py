@@ -51,7 +51,7 @@ def keep_freed_memory() -> bool:
   return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-_RESET_PEAKS: list[int] = []  # VmHWM values cleared by PeakRss, for lifetime_peak_rss
+_cleared_peak = 0  # bytes: the largest VmHWM that PeakRss cleared, for lifetime_peak_rss
 
 
 def _status_kib(field: str) -> int | None:
@@ -87,12 +87,12 @@ class PeakRss:
       self._stop.wait(self._interval)
 
   def __enter__(self) -> "PeakRss":
-    before = _status_kib("VmHWM")
+    global _cleared_peak
+    before = (_status_kib("VmHWM") or 0) * 1024
     try:
       with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-      if before is not None:
-        _RESET_PEAKS.append(before * 1024)
+      _cleared_peak = max(_cleared_peak, before)
       return self
     except OSError:
       pass
@@ -115,4 +115,4 @@ def lifetime_peak_rss() -> int:
   """Bytes: the largest resident set this process has had (Linux reports ru_maxrss in KiB),
   counting the peaks that PeakRss cleared."""
   import resource  # pylint: disable=g-import-not-at-top
-  return max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024] + _RESET_PEAKS)
+  return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _cleared_peak)
