@@ -19,8 +19,9 @@ Dense layers hold {"qkernel", "scale"[, "bias"]}; the embedding holds {"qembeddi
 
 Compute: on CPU, a decode step (at most `GEMV_MAX_ROWS` rows) calls the kernels of
 `tinyvlm_jax.cpu_kernels` (built with g++ on first use, cached): they read the packed weights
-once and dequantize in registers (int4: multiply the nibbles by x rounded to int16 per group). XLA:CPU itself would first convert an int8 dot operand to a float32
-array in memory (about 0.3 G weights/s here), slower than float32 weights. Longer inputs
+once and dequantize in registers (int4: multiply the nibbles by x rounded to int16 per group).
+XLA:CPU itself would first convert an int8 dot operand to a float32 array in memory (about 0.3 G
+weights/s here), slower than float32 weights. Longer inputs
 (prefill, the vision tower) dequantize each weight once per call and use XLA's dot. On other
 platforms, and on CPUs without the kernels, everything takes the dequantize-and-dot path,
 which XLA fuses on accelerators.
