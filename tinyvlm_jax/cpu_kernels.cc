@@ -13,7 +13,7 @@
 //         scale f32 [N]               W[n, k] = scale[n] * q
 //   int4: p uint8 [N/8, K/32, 8, 16]  tile (i, j): rows 8i..8i+7, columns 32j..32j+31; byte b of a
 //         row holds column b in its low nibble and column b + 16 in its high nibble
-//         scale f32 [N, K/G]          W[n, k] = scale[n, k / G] * (nibble - 8)
+//         scale bf16 [N, K/G]         W[n, k] = scale[n, k / G] * (nibble - 8)
 //
 // Handlers: TinyvlmGemv{I8,I4}(x [M, K] f32, weights..., scale...) -> y [M, N] f32, for few rows
 // of x (decode); TinyvlmDequant{I8,I4}(weights, scale) -> W [N, K] f32 (prefill then uses XLA's dot).
@@ -89,6 +89,13 @@ inline __m256 ReduceRows(const __m256 a[8]) {
   __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
   __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+inline float Bf16(uint16_t v) {  // bfloat16 bits -> float32 (exact)
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
 inline __m256 LoadI8(const int8_t* p) {  // 8 int8 -> 8 float32
@@ -171,13 +178,13 @@ void PrepareI4Input(const float* x, int64_t K, int64_t G, const I4Input& in) {
 // nibble vectors by shifts and masks, and acc[j] (int32) gathers 4 partial sums per row. At the
 // end of a group, acc - 2 sum2 (the offset of 8) goes to float with scale[row, g] * x's scale.
 // Overflow: a lane adds 8 products of at most 15 * 32767 per 32 columns, 16 M for G = 128.
-void RowsI4(const I4Input& in, int64_t K, int64_t G, const uint8_t* p, const float* scale, float* y, int64_t r0,
+void RowsI4(const I4Input& in, int64_t K, int64_t G, const uint8_t* p, const uint16_t* scale, float* y, int64_t r0,
             int64_t r1) {
   const int64_t groups = K / G;
   const __m256i low4 = _mm256_set1_epi16(0x000F);
   for (int64_t r = r0; r < r1; r += kTileRows) {
     const uint8_t* t = p + r * (K / 2);
-    const float* s = scale + r * groups;
+    const uint16_t* s = scale + r * groups;
     __m256 total[4];
     for (int j = 0; j < 4; ++j) total[j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
@@ -203,8 +210,8 @@ void RowsI4(const I4Input& in, int64_t K, int64_t G, const uint8_t* p, const flo
       const __m256i offset = _mm256_set1_epi32(in.sum2[g]);
       const float xs = in.scale[g];
       for (int j = 0; j < 4; ++j) {
-        const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[(2 * j + 1) * groups + g] * xs),
-                                          _mm_set1_ps(s[2 * j * groups + g] * xs));
+        const __m256 sv = _mm256_set_m128(_mm_set1_ps(Bf16(s[(2 * j + 1) * groups + g]) * xs),
+                                          _mm_set1_ps(Bf16(s[2 * j * groups + g]) * xs));
         total[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[j], offset)), sv, total[j]);
       }
     }
@@ -242,7 +249,7 @@ ffi::Error GemvI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-ffi::Error GemvI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> scale,
+ffi::Error GemvI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::BF16> scale,
                   ffi::ResultBuffer<ffi::F32> y) {
   auto pd = p.dimensions();  // [N/8, K/32, 8, 16]
   int64_t N = pd[0] * 8, K = pd[1] * 32, M;
@@ -284,12 +291,12 @@ ffi::Error DequantI8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error DequantI4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> scale,
+ffi::Error DequantI4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::BF16> scale,
                      ffi::ResultBuffer<ffi::F32> out) {
   auto pd = p.dimensions();
   int64_t N = pd[0] * 8, K = pd[1] * 32, groups = scale.dimensions()[1], G = K / groups;
   const uint8_t* pp = p.typed_data();
-  const float* sp = scale.typed_data();
+  const uint16_t* sp = scale.typed_data();
   float* op = out->typed_data();
   ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r += kTileRows) {
@@ -298,7 +305,7 @@ ffi::Error DequantI4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> p, ffi::Buffer<f
         for (int j = 0; j < 8; ++j) {
           __m256 w[4];
           UnpackI4(t + 16 * j, w);
-          __m256 s = _mm256_set1_ps(sp[(r + j) * groups + k / G]);
+          __m256 s = _mm256_set1_ps(Bf16(sp[(r + j) * groups + k / G]));
           __m256 eight = _mm256_set1_ps(8.f);
           for (int c = 0; c < 4; ++c)
             _mm256_storeu_ps(op + (r + j) * K + k + 8 * c, _mm256_mul_ps(_mm256_sub_ps(w[c], eight), s));
@@ -768,7 +775,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvI4, GemvI4,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI8, DequantI8,
@@ -782,7 +789,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI4, DequantI4,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDecodeAttention, DecodeAttention,
