@@ -31,7 +31,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="output folder for results.json and predictions.jsonl")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--quantize", default="none", metavar="MODE",
-                 help="weight-only quantization of the LLM, vision tower and CNN: none (default), int8, int4 "
+                 help="weight-only quantization of the LLM, vision tower, CNN and heads: none (default), int8, int4 "
                       "(group 128), int4_g64, int4_g32")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -6,7 +6,7 @@
 
 --checkpoint: for the jax backend a model folder (launch/train.py's workdir or a folder inside it,
 convert/hf_to_jax.py's output); for the torch backend an export of convert/jax_to_torch.py (no JAX
-needed). --quantize: weight-only int8/int4 LLM, vision tower and CNN (jax backend). Time to first token
+needed). --quantize: weight-only int8/int4 LLM, vision tower, CNN and heads (jax backend). Time to first token
 and decode speed go to stderr. CPU setting: glibc keeps freed memory mapped
 (`tinyvlm_jax.cpu_runtime.keep_freed_memory`), so each call does not page-fault its buffers again.
 """
@@ -33,7 +33,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
   p.add_argument("--backend", choices=("jax", "torch"), default="jax", help="jax (default) or torch")
   p.add_argument("--quantize", default="none", metavar="MODE",
-                 help="weight-only quantization of the LLM, vision tower and CNN: none (default), int8, int4 "
+                 help="weight-only quantization of the LLM, vision tower, CNN and heads: none (default), int8, int4 "
                       "(group 128), int4_g64, int4_g32; jax backend")
   return p.parse_args(argv)
 

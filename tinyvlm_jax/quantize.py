@@ -1,11 +1,13 @@
-"""Weight-only int8 / int4 quantization of the LLM, the vision tower and the CNN.
+"""Weight-only int8 / int4 quantization of the LLM, the vision tower, the CNN and the heads.
 
 `quantize_params(params, config, mode)` turns the float32 params of a trained model into
-quantized ones and `quantized_config(config, mode)` sets the `quantization` field that makes
-`Qwen2ForCausalLM` / `SiglipVisionTower` / `ConvNextV2` build `QuantDense` / `QuantEmbed` layers
-instead of `nn.Dense` / `nn.Embed` (in the CNN, the blocks' pointwise layers whose widths fit the
-packing). Norms, biases, convolutions, position embeddings and the heads (pooler, connector,
-fuser: 5.2 M weights at full size) stay float32.
+quantized ones and `quantized_config(config, mode)` sets the `quantization` fields that make
+`Qwen2ForCausalLM` / `SiglipVisionTower` / `ConvNextV2` / the heads build `QuantDense` /
+`QuantEmbed` / `QuantPatchConv` layers instead of `nn.Dense` / `nn.Embed` / `nn.Conv`. The patchify
+convs (kernel = stride: SigLIP's patch embedding, ConvNeXt's stem and downsampling, the pooler) are
+Dense layers over patches and are quantized as such. In the CNN and the heads, only the layers whose
+widths fit the packing (`packable`) are quantized. Norms, biases, the depthwise convs and position
+embeddings stay float32.
 
 Modes: `int8`, one scale per output channel (symmetric, q in [-127, 127]); `int4` (group 128),
 `int4_g64`, `int4_g32`: one scale per output channel and group of G inputs (q in [-7, 7]), stored
@@ -195,6 +197,18 @@ def quantized_shapes(n: int, k: int, mode: QuantMode) -> dict[str, tuple[tuple[i
   return {"q": ((n // 8, k // 32, 8, 16), jnp.uint8), "scale": ((n, k // mode.group_for(k)), jnp.bfloat16)}
 
 
+def _quantized_dense(module: nn.Module, x, features: int, mode: str, use_bias: bool, dtype):
+  """The body of QuantDense, in `module`'s scope: params qkernel, scale[, bias]."""
+  shapes = quantized_shapes(features, x.shape[-1], parse_mode(mode))
+  (q_shape, q_dtype), (s_shape, s_dtype) = shapes["q"], shapes["scale"]
+  qkernel = module.param("qkernel", nn.initializers.zeros_init(), q_shape, q_dtype)
+  scale = module.param("scale", nn.initializers.ones_init(), s_shape, s_dtype)
+  y = quantized_matmul(x.astype(dtype), qkernel, scale)
+  if use_bias:
+    y = y + module.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32).astype(dtype)
+  return y
+
+
 class QuantDense(nn.Module):
   """`nn.Dense` with a weight-only quantized kernel (params qkernel, scale[, bias]); see the module doc."""
   features: int
@@ -204,14 +218,48 @@ class QuantDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):  # [..., K] -> [..., N]
-    shapes = quantized_shapes(self.features, x.shape[-1], parse_mode(self.mode))
-    (q_shape, q_dtype), (s_shape, s_dtype) = shapes["q"], shapes["scale"]
-    qkernel = self.param("qkernel", nn.initializers.zeros_init(), q_shape, q_dtype)
-    scale = self.param("scale", nn.initializers.ones_init(), s_shape, s_dtype)
-    y = quantized_matmul(x.astype(self.dtype), qkernel, scale)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32).astype(self.dtype)
-    return y
+    return _quantized_dense(self, x, self.features, self.mode, self.use_bias, self.dtype)
+
+
+def patchify(x, patch: tuple[int, int]):
+  """[N, H, W, C] -> [N, H/ph, W/pw, ph*pw*C]: each non-overlapping patch as one vector, in the
+  order of a flattened conv kernel [ph, pw, C, F]. A partial patch at the edge is dropped (VALID)."""
+  (ph, pw), (n, h, w, c) = patch, x.shape
+  x = x[:, :h - h % ph, :w - w % pw]
+  x = x.reshape(n, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h // ph, w // pw, ph * pw * c)
+
+
+class QuantPatchConv(nn.Module):
+  """`nn.Conv(features, patch, strides=patch, padding="VALID")` with a weight-only quantized kernel:
+  such a conv is one Dense over each non-overlapping patch (`patchify`), and that Dense's weight
+  [F, ph*pw*C] is what is packed (params qkernel, scale, bias)."""
+  features: int
+  patch: tuple[int, int]
+  mode: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [N, H, W, C] -> [N, H/ph, W/pw, F]
+    return _quantized_dense(self, patchify(x, self.patch), self.features, self.mode, True, self.dtype)
+
+
+def dense(features: int, in_features: int, mode: str, *, dtype, name: str, **dense_kwargs) -> nn.Module:
+  """nn.Dense, or QuantDense when `mode` is set and the [features, in_features] weight fits the
+  packing (as `quantize_params` decides for the layers it may leave float)."""
+  if mode != "none" and packable(features, in_features, parse_mode(mode)):
+    return QuantDense(features, mode, dtype=dtype, name=name)
+  return nn.Dense(features, dtype=dtype, name=name, **dense_kwargs)
+
+
+def patch_conv(features: int, patch: int, in_features: int, mode: str, *, dtype, name: str,
+               **conv_kwargs) -> nn.Module:
+  """nn.Conv with kernel = stride = patch (VALID), or QuantPatchConv when `mode` is set and the
+  conv's Dense [features, patch * patch * in_features] fits the packing (as `quantize_params` decides)."""
+  if mode != "none" and packable(features, patch * patch * in_features, parse_mode(mode)):
+    return QuantPatchConv(features, (patch, patch), mode, dtype=dtype, name=name)
+  return nn.Conv(features, (patch, patch), strides=(patch, patch), padding="VALID", dtype=dtype, name=name,
+                 **conv_kwargs)
 
 
 class QuantEmbed(nn.Module):
@@ -251,17 +299,27 @@ def _quantize_weight(w_t: np.ndarray, mode: QuantMode, what: str) -> tuple[np.nd
   return quantize_int4(w_t, mode.group_for(w_t.shape[1]), what)
 
 
+# The patchify convs (kernel = stride, VALID) that `patch_conv` builds: SigLIP's patch embedding,
+# ConvNeXt's stem and downsampling, the pooler. Quantized as QuantPatchConv where they fit the packing.
+PATCH_CONVS = ("patch_embedding", "patch_embeddings", "downsampling_conv", "conv")
+
+
 def _quantize_tree(tree: dict, mode: QuantMode, path: tuple[str, ...], embeddings: bool,
                    only_packable: bool = False) -> dict:
-  """Quantizes every Dense kernel under `tree` (and the embedding table when `embeddings`); with
-  `only_packable`, kernels that do not fit the packing stay float (elsewhere they are an error)."""
+  """Quantizes every Dense kernel under `tree` (and the embedding table when `embeddings`), and the
+  patch convs (`PATCH_CONVS`, 4-D kernels [ph, pw, C, F]) that fit the packing; with
+  `only_packable`, Dense kernels that do not fit stay float too (elsewhere they are an error)."""
   out = {}
   for name, node in tree.items():
     where = path + (name,)
-    dense = isinstance(node, dict) and "kernel" in node and np.ndim(node["kernel"]) == 2
-    if dense and only_packable and not packable(*np.shape(node["kernel"])[::-1], mode):
-      out[name] = node
-    elif dense:
+    has_kernel = isinstance(node, dict) and "kernel" in node
+    dense = has_kernel and np.ndim(node["kernel"]) == 2
+    conv = has_kernel and np.ndim(node["kernel"]) == 4 and name in PATCH_CONVS
+    if conv:  # [ph, pw, C, F] -> the Dense [ph*pw*C, F] of QuantPatchConv
+      node = {**node, "kernel": np.reshape(node["kernel"], (-1, np.shape(node["kernel"])[-1]))}
+    if (dense or conv) and (only_packable or conv) and not packable(*np.shape(node["kernel"])[::-1], mode):
+      out[name] = tree[name]
+    elif dense or conv:
       q, scale = _quantize_weight(np.asarray(node["kernel"]).T, mode, "/".join(where))  # Flax [K, N] -> [N, K]
       out[name] = {"qkernel": q, "scale": scale, **({"bias": node["bias"]} if "bias" in node else {})}
     elif isinstance(node, dict) and embeddings and name == "embed_tokens" and "embedding" in node:
@@ -277,11 +335,12 @@ def _quantize_tree(tree: dict, mode: QuantMode, path: tuple[str, ...], embedding
 def quantize_params(params: dict, config, mode: str) -> dict:
   """Float params -> quantized params for `quantized_config(config, mode)`.
 
-  `config` is a TinyVLMConfig (quantizes params["vision"], params["llm"] and, when the model has
-  one, params["cnn"]), or a QwenConfig, SiglipConfig or ConvNextV2Config (params of that tower
-  alone). The CNN's Dense layers are quantized where they fit the packing (`packable`); the small
-  early-stage layers of a reduced preset stay float. Returns new numpy leaves for the quantized
-  layers and the same objects elsewhere; mode "none" returns `params` itself.
+  `config` is a TinyVLMConfig (quantizes params["vision"], params["llm"], the heads and, when the
+  model has one, params["cnn"]), or a QwenConfig, SiglipConfig or ConvNextV2Config (params of that
+  tower alone). The CNN's and the heads' Dense layers, and every patch conv, are quantized where
+  they fit the packing (`packable`); the small early-stage layers of a reduced preset stay float.
+  Returns new numpy leaves for the quantized layers and the same objects elsewhere; mode "none"
+  returns `params` itself.
   """
   from tinyvlm_jax.models.config import ConvNextV2Config, QwenConfig, SiglipConfig, TinyVLMConfig
   qmode = parse_mode(mode)
@@ -294,6 +353,8 @@ def quantize_params(params: dict, config, mode: str) -> dict:
       if tower not in params:
         raise ValueError(f"quantize_params: the TinyVLM params have no {tower!r} tower (keys {sorted(params)})")
     out = dict(params)
+    heads = [h for h in ("pooler", "connector", "fuser") if h in params]
+    out.update(_quantize_tree({h: params[h] for h in heads}, qmode, (), embeddings=False, only_packable=True))
     out["vision"] = _quantize_tree(params["vision"], qmode, ("vision",), embeddings=False)
     out["llm"] = _quantize_tree(params["llm"], qmode, ("llm",), embeddings=True)
     if config.use_cnn:
@@ -310,12 +371,13 @@ def quantize_params(params: dict, config, mode: str) -> dict:
 
 
 def quantized_config(config, mode: str):
-  """The config whose modules hold `quantize_params(..., mode)`'s params (LLM, vision tower, CNN)."""
+  """The config whose modules hold `quantize_params(..., mode)`'s params (LLM, vision tower, CNN, heads)."""
   from tinyvlm_jax.models.config import TinyVLMConfig
   parse_mode(mode)
   if isinstance(config, TinyVLMConfig):
-    return dataclasses.replace(config, **{tower: dataclasses.replace(getattr(config, tower), quantization=mode)
-                                          for tower in ("vision", "llm", "cnn")})
+    return dataclasses.replace(config, quantization=mode,
+                               **{tower: dataclasses.replace(getattr(config, tower), quantization=mode)
+                                  for tower in ("vision", "llm", "cnn")})
   return dataclasses.replace(config, quantization=mode)
 
 

@@ -87,8 +87,9 @@ class ConvNextV2Config:
   layer_norm_eps: float = 1e-6
   hidden_act: str = "gelu"
   dtype: str = "float32"
-  # none | int8 | int4 | int4_g{32,64,128}: the blocks' pointwise Dense layers, weight-only, where
-  # their widths fit the packing (tinyvlm_jax.quantize.packable); convolutions stay float32
+  # none | int8 | int4 | int4_g{32,64,128}: the blocks' pointwise Dense layers and the patchify convs
+  # (stem, downsampling), weight-only, where their widths fit the packing
+  # (tinyvlm_jax.quantize.packable); the depthwise convs stay float32
   quantization: str = "none"
 
   @property
@@ -117,6 +118,9 @@ class TinyVLMConfig:
   fuser_heads: int = 1
   image_token_id: int = 151655  # <|image_pad|>: the placeholder replaced by the visual tokens
   dtype: str = "float32"
+  # none | int8 | int4 | int4_g{32,64,128}: the heads' Dense layers and the pooler's conv,
+  # weight-only, where they fit the packing (tinyvlm_jax.quantize; the towers have their own field)
+  quantization: str = "none"
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TinyVLMConfig":

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyvlm_jax.models.config import ConvNextV2Config
-from tinyvlm_jax.quantize import QuantDense, packable, parse_mode
+from tinyvlm_jax.quantize import QuantDense, packable, parse_mode, patch_conv
 
 # transformers hard-codes eps=1e-6 for the stem, downsampling and block LayerNorms; only the
 # final (pooler) LayerNorm reads `config.layer_norm_eps`.
@@ -103,8 +103,8 @@ class ConvNextV2Embeddings(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     p = cfg.patch_size
-    x = nn.Conv(cfg.hidden_sizes[0], (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                name="patch_embeddings")(pixel_values)
+    x = patch_conv(cfg.hidden_sizes[0], p, pixel_values.shape[-1], cfg.quantization, dtype=dtype,
+                   name="patch_embeddings")(pixel_values)
     return nn.LayerNorm(epsilon=_INNER_LN_EPS, dtype=dtype, name="layernorm")(x)
 
 
@@ -137,7 +137,7 @@ class ConvNextV2Stage(nn.Module):
     dim = cfg.hidden_sizes[self.index]
     if self.index > 0:  # [N, h, w, C_prev] -> [N, h/2, w/2, C]
       x = nn.LayerNorm(epsilon=_INNER_LN_EPS, dtype=dtype, name="downsampling_layernorm")(x)
-      x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype, name="downsampling_conv")(x)
+      x = patch_conv(dim, 2, x.shape[-1], cfg.quantization, dtype=dtype, name="downsampling_conv")(x)
     for j in range(cfg.depths[self.index]):
       x = ConvNextV2Layer(cfg, dim, name=f"layers_{j}")(x)
     return x

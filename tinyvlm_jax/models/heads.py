@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyvlm_jax.models.positional import sincos_2d
+from tinyvlm_jax.quantize import dense, patch_conv
 
 
 def identity_tap_init(scale: float):
@@ -27,6 +28,7 @@ class ConvPooler(nn.Module):
   kind: str = "conv"
   stride: int = 2
   dtype: jnp.dtype = jnp.float32
+  quantization: str = "none"  # weight-only quantization of the conv (tinyvlm_jax.quantize)
 
   @nn.compact
   def __call__(self, x):  # [N, g*g, D] -> [N, (g/s)^2, D]
@@ -39,9 +41,8 @@ class ConvPooler(nn.Module):
     x = x.reshape(n, g, g, d)
     s = self.stride
     if self.kind == "conv":
-      x = nn.Conv(d, (s, s), strides=(s, s), padding="VALID", dtype=self.dtype,
-                  kernel_init=identity_tap_init(1.0 / (s * s)), bias_init=nn.initializers.zeros,
-                  name="conv")(x)
+      x = patch_conv(d, s, d, self.quantization, dtype=self.dtype, name="conv",
+                     kernel_init=identity_tap_init(1.0 / (s * s)), bias_init=nn.initializers.zeros)(x)
     elif self.kind == "mean":
       x = nn.avg_pool(x, (s, s), strides=(s, s), padding="VALID")
     else:
@@ -53,12 +54,13 @@ class Connector(nn.Module):
   """2-layer MLP from vision width to LLM width: Dense, GELU, Dense."""
   width: int
   dtype: jnp.dtype = jnp.float32
+  quantization: str = "none"  # weight-only quantization of both layers (tinyvlm_jax.quantize)
 
   @nn.compact
   def __call__(self, x):  # [..., D_vis] -> [..., D_llm]
-    x = nn.Dense(self.width, dtype=self.dtype, name="fc1")(x)
+    x = dense(self.width, x.shape[-1], self.quantization, dtype=self.dtype, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(self.width, dtype=self.dtype, name="fc2")(x)
+    return dense(self.width, self.width, self.quantization, dtype=self.dtype, name="fc2")(x)
 
 
 class CrossAttentionFuser(nn.Module):
@@ -70,13 +72,14 @@ class CrossAttentionFuser(nn.Module):
   width: int
   num_heads: int = 1
   dtype: jnp.dtype = jnp.float32
+  quantization: str = "none"  # weight-only quantization of both projections (tinyvlm_jax.quantize)
 
   @nn.compact
   def __call__(self, cnn_tokens, vit_tokens):  # [B, Nc, Dc], [B, Nv, Dv] -> [B, Nc, width]
     b, nc, _ = cnn_tokens.shape
     nv = vit_tokens.shape[1]
-    q = nn.Dense(self.width, dtype=self.dtype, name="q_proj")(cnn_tokens)
-    kv = nn.Dense(self.width, dtype=self.dtype, name="kv_proj")(vit_tokens)
+    q = dense(self.width, cnn_tokens.shape[-1], self.quantization, dtype=self.dtype, name="q_proj")(cnn_tokens)
+    kv = dense(self.width, vit_tokens.shape[-1], self.quantization, dtype=self.dtype, name="kv_proj")(vit_tokens)
     frame = math.isqrt(nv)
     pe_q = sincos_2d(math.isqrt(nc), self.width, frame=frame)
     pe_kv = sincos_2d(frame, self.width, frame=frame)

@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax.models.config import SiglipConfig
-from tinyvlm_jax.quantize import QuantDense
+from tinyvlm_jax.quantize import QuantDense, patch_conv
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -57,8 +57,8 @@ class SiglipEmbeddings(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     p = cfg.patch_size
-    x = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
-                kernel_init=nn.initializers.lecun_normal(), name="patch_embedding")(pixel_values.astype(dtype))
+    x = patch_conv(cfg.hidden_size, p, pixel_values.shape[-1], cfg.quantization, dtype=dtype, name="patch_embedding",
+                   param_dtype=jnp.float32, kernel_init=nn.initializers.lecun_normal())(pixel_values.astype(dtype))
     n, gh, gw, d = x.shape
     if gh * gw != cfg.num_patches:
       raise ValueError(f"SigLIP: a {pixel_values.shape[1]}x{pixel_values.shape[2]} image gives {gh}x{gw} patches, "

@@ -37,12 +37,13 @@ class TinyVLM(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     self.vision = SiglipVisionTower(cfg.vision)
-    self.pooler = ConvPooler(kind=cfg.pooler, stride=cfg.pool_stride, dtype=dtype)
-    self.connector = Connector(width=cfg.llm.hidden_size, dtype=dtype)
+    self.pooler = ConvPooler(kind=cfg.pooler, stride=cfg.pool_stride, dtype=dtype, quantization=cfg.quantization)
+    self.connector = Connector(width=cfg.llm.hidden_size, dtype=dtype, quantization=cfg.quantization)
     self.llm = Qwen2ForCausalLM(cfg.llm)
     if cfg.use_cnn:
       self.cnn = ConvNextV2(cfg.cnn)
-      self.fuser = CrossAttentionFuser(width=cfg.llm.hidden_size, num_heads=cfg.fuser_heads, dtype=dtype)
+      self.fuser = CrossAttentionFuser(width=cfg.llm.hidden_size, num_heads=cfg.fuser_heads, dtype=dtype,
+                                       quantization=cfg.quantization)
 
   def vit_features(self, pixel_values):
     """[N, S, S, 3] -> [N, P, D_vis] at the configured feature layer."""
