@@ -11,9 +11,10 @@ embeddings stay float32.
 
 Modes: `int8`, one scale per output channel (symmetric, q in [-127, 127]); `int4` (group 128),
 `int4_g64`, `int4_g32`: one scale per output channel and group of G inputs (q in [-7, 7]), stored
-as bfloat16 (rounded up, so |w| <= 7 * scale still holds): half the bytes of float32 scales, 7.7 MB
-of the full-size LLM's 263, for a relative change of at most 2^-8 in a scale, far below the int4
-step itself (int8's per-channel scales, 0.4% of its small weight bytes, stay float32).
+as bfloat16 (rounded up, so |w| <= 7 * scale still holds): half the bytes of float32 scales (the
+full-size LLM's int4 weights: 255 MB instead of 263), for a relative change of less than 2^-7 in a
+scale, far below the int4 step itself (int8's per-channel scales, 0.3% of its weight bytes, stay
+float32).
 The tied embedding is quantized per row, which is per output channel of the LM head.
 
 Layout (N outputs, K inputs; rows of 8 outputs are tiled so the CPU kernel streams them):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyvlm_jax.models.config import ConvNextV2Config
-from tinyvlm_jax.quantize import QuantDense, packable, parse_mode, patch_conv
+from tinyvlm_jax.quantize import dense, patch_conv
 
 # transformers hard-codes eps=1e-6 for the stem, downsampling and block LayerNorms; only the
 # final (pooler) LayerNorm reads `config.layer_norm_eps`.
@@ -36,10 +36,7 @@ def activation(name: str):
 def _dense(cfg: ConvNextV2Config, features: int, in_features: int, name: str) -> nn.Module:
   """nn.Dense, or its weight-only quantized twin when `cfg.quantization` is set and the
   [features, in_features] weight fits the packing (as `quantize.quantize_params` decides)."""
-  dtype = jnp.dtype(cfg.dtype)
-  if cfg.quantization != "none" and packable(features, in_features, parse_mode(cfg.quantization)):
-    return QuantDense(features, cfg.quantization, dtype=dtype, name=name)
-  return nn.Dense(features, dtype=dtype, name=name)
+  return dense(features, in_features, cfg.quantization, dtype=jnp.dtype(cfg.dtype), name=name)
 
 
 class GRN(nn.Module):
