@@ -158,7 +158,7 @@ def test_full_size_weight_bytes():
   paper's 300 MB (every Dense layer and patch conv packed, bfloat16 group scales)."""
   cfg = model_config("tinyvlm_0p6b")
   int4_mb = q.weight_bytes(param_shapes(q.quantized_config(cfg, "int4"))) / 1e6
-  # float32: 2453 MB; 357 with float32 scales and float heads and patch convs, 347 with float ones
+  # float32: 2453 MB; 357 with float32 scales, heads and patch convs; 347 with bfloat16 scales alone
   assert 320 < int4_mb < 323, int4_mb
   # quantize_params packs the full-size CNN into exactly the params its quantized module declares
   # (int4 groups of 128 do not divide stage 2's 192 inputs: that layer stays float32)
