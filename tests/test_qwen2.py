@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +190,34 @@ def test_prefill_attention_kernel_equals_the_xla_formulation(b, length, kv, g, h
   assert not mask[-1].any()  # every query of the last row sees nothing: the mean of all values
   np.testing.assert_allclose(np.asarray(got)[-1], np.broadcast_to(v[-1].mean(0)[None, :, None], q.shape[1:]),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lead,k,n", [((1, 1), 37, 24), ((2, 8), 64, 8), ((3,), 896, 136)])
+def test_dense_gemv_kernel_equals_the_xla_dot(lead, k, n):
+  """nn.Dense with cpu_kernels.dense_dot_general: a float32 product of at most 16 rows runs the
+  gemv_f32 kernel (any K, including one that is not a multiple of its 4-row steps), equal to XLA's
+  dot, the same on every call, with XLA's gradient; other products stay XLA's."""
+  if not cpu_kernels.available():
+    pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
+  rng = np.random.default_rng(k)
+  x = jnp.asarray(rng.normal(size=lead + (k,)).astype(np.float32))
+  params = {"kernel": jnp.asarray(rng.normal(size=(k, n)).astype(np.float32)),
+            "bias": jnp.asarray(rng.normal(size=(n,)).astype(np.float32))}
+  ours, plain = nn.Dense(n, dot_general=cpu_kernels.dense_dot_general), nn.Dense(n)
+  apply = jax.jit(lambda p, x: ours.apply({"params": p}, x))
+  assert "tinyvlm_gemv_f32" in apply.lower(params, x).as_text()
+  got, want = apply(params, x), plain.apply({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * np.sqrt(k))
+  assert np.array_equal(np.asarray(apply(params, x)), np.asarray(got))  # deterministic
+  loss = lambda module: jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply({"params": p}, x))), argnums=(0, 1))
+  for g_ours, g_plain in zip(jax.tree.leaves(loss(ours)(params, x)), jax.tree.leaves(loss(plain)(params, x))):
+    np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_plain), rtol=1e-5, atol=1e-5 * np.sqrt(k))
+  many = jnp.ones((17, k), jnp.float32)  # more rows than a decode step: XLA's dot
+  assert "tinyvlm_gemv_f32" not in apply.lower(params, many).as_text()
+  odd = {"kernel": params["kernel"][:, :n - 1], "bias": params["bias"][:n - 1]}  # N % 8 != 0: XLA's dot
+  assert "tinyvlm_gemv_f32" not in jax.jit(
+      lambda p, x: nn.Dense(n - 1, dot_general=cpu_kernels.dense_dot_general).apply({"params": p}, x)).lower(
+          odd, x).as_text()
 
 
 def test_untied_head_matches_transformers(untied):

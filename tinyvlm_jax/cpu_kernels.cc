@@ -1,6 +1,12 @@
 // XLA:CPU kernels (built and registered by tinyvlm_jax/cpu_kernels.py): weight-only quantized
-// GEMVs for tinyvlm_jax/quantize.py, the attention of a decode step and of a prefill for
-// tinyvlm_jax/models/qwen2.py and the vision tower's attention for tinyvlm_jax/models/siglip.py.
+// GEMVs for tinyvlm_jax/quantize.py, the float32 GEMV of a decode step, the attention of a decode
+// step and of a prefill for tinyvlm_jax/models/qwen2.py and the vision tower's attention for
+// tinyvlm_jax/models/siglip.py.
+//
+// Float32 GEMV. TinyvlmGemvF32(x [M, K], w [K, N]) -> y [M, N] for a decode step's Dense layers, on
+// the kernel as Flax stores it. XLA:CPU's dot packs the weights before using them: the full-size
+// LLM's MLP weights went through it at 15-16 GB/s, against 19-20 GB/s for this kernel, which reads
+// each weight once in order (the two timed in turn in one process).
 //
 // Quantized layers. XLA:CPU converts an int8 dot operand to float32 in memory before the dot (about 0.3 G
 // weights/s here), so decoding with int8 weights would be slower than float32. These kernels read
@@ -270,6 +276,87 @@ ffi::Error GemvI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
     for (int64_t m = 0; m < M; ++m) RowsI4(input(m), K, G, p.typed_data(), scale.typed_data(), yp + m * N, r0, r1);
   });
+  return ffi::Error::Success();
+}
+
+// y[m] += sum_{k0 <= k < k1} x[m, k] w[k, :] for m < M (x [M, K], w [K, N], y [M, N]; N % 8 == 0),
+// four rows of w at a time: rows k0..k1 of w are one contiguous stretch of memory, read once in
+// order (for M > 1 the other rows of x find the four rows in L2).
+void AxpyRowsF32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1,
+                 float* y) {
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const float *w0 = w + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K + k;
+      const __m256 x0 = _mm256_set1_ps(xm[0]), x1 = _mm256_set1_ps(xm[1]);
+      const __m256 x2 = _mm256_set1_ps(xm[2]), x3 = _mm256_set1_ps(xm[3]);
+      float* ym = y + m * N;
+      int64_t n = 0;
+      for (; n + 16 <= N; n += 16) {
+        __m256 a = _mm256_loadu_ps(ym + n), b = _mm256_loadu_ps(ym + n + 8);
+        a = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), a);
+        b = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n + 8), b);
+        a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), a);
+        b = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n + 8), b);
+        a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), a);
+        b = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n + 8), b);
+        a = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), a);
+        b = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n + 8), b);
+        _mm256_storeu_ps(ym + n, a);
+        _mm256_storeu_ps(ym + n + 8, b);
+      }
+      for (; n < N; n += 8) {
+        __m256 a = _mm256_loadu_ps(ym + n);
+        a = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), a);
+        a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), a);
+        a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), a);
+        a = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), a);
+        _mm256_storeu_ps(ym + n, a);
+      }
+    }
+  }
+  for (; k < k1; ++k)
+    for (int64_t m = 0; m < M; ++m) {
+      const __m256 xv = _mm256_set1_ps(x[m * K + k]);
+      for (int64_t n = 0; n < N; n += 8)
+        _mm256_storeu_ps(y + m * N + n, _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k * N + n), _mm256_loadu_ps(y + m * N + n)));
+    }
+}
+
+// y [M, N] = x [M, K] @ w [K, N] in float32, w as a Flax Dense kernel holds it (inputs major), for a
+// few rows of x. XLA:CPU's dot read these weights at 10-14 GB/s here; this reads them once, in order.
+// Each of max(8, 2 x threads) tasks takes a contiguous run of rows of w and adds their products into
+// its own partial sums [M, N], which are then added in task order (the same result whichever thread
+// took which task).
+constexpr int64_t kAxpyTasks = 8;
+
+ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2) return Invalid("TinyvlmGemvF32", "w must be [K, N]");
+  const int64_t K = wd[0], N = wd[1];
+  if (x.dimensions().size() < 1 || x.dimensions().back() != K)
+    return Invalid("TinyvlmGemvF32", "x's last dimension must equal w's K = " + std::to_string(K));
+  if (N % 8 != 0) return Invalid("TinyvlmGemvF32", "N must be a multiple of 8, got " + std::to_string(N));
+  const int64_t M = K ? x.element_count() / K : 0;
+  const int64_t split = std::max<int64_t>(kAxpyTasks, 2 * pool.num_threads());
+  const int64_t per = (K + 4 * split - 1) / (4 * split) * 4;  // rows of w per task, a multiple of 4
+  const int64_t tasks = per ? (K + per - 1) / per : 0;
+  float* yp = y->typed_data();
+  std::fill(yp, yp + M * N, 0.f);
+  if (tasks == 0) return ffi::Error::Success();
+  std::unique_ptr<float[]> parts(new float[tasks * M * N]);
+  ParallelFor(pool, tasks, [&](int64_t t) {
+    float* part = parts.get() + t * M * N;
+    std::fill(part, part + M * N, 0.f);
+    AxpyRowsF32(x.typed_data(), M, K, w.typed_data(), N, t * per, std::min(K, (t + 1) * per), part);
+  });
+  for (int64_t t = 0; t < tasks; ++t) {
+    const float* part = parts.get() + t * M * N;
+    for (int64_t j = 0; j < M * N; j += 8)
+      _mm256_storeu_ps(yp + j, _mm256_add_ps(_mm256_loadu_ps(yp + j), _mm256_loadu_ps(part + j)));
+  }
   return ffi::Error::Success();
 }
 
@@ -776,6 +863,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvI4, GemvI4,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvF32, GemvF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI8, DequantI8,

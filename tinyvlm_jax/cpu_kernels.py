@@ -1,7 +1,8 @@
 """Hand-written XLA:CPU kernels (`cpu_kernels.cc`), built with g++ on first use and registered
 as FFI targets: the weight-only int8 / int4 GEMVs and dequantizers of `tinyvlm_jax.quantize`,
-the attention of a decode step and of a prompt chunk against the KV cache
-(`tinyvlm_jax.models.qwen2`) and the vision tower's attention (`tinyvlm_jax.models.siglip`).
+the float32 GEMV of a decode step (`dense_dot_general`, for the LLM's Dense layers), the attention
+of a decode step and of a prompt chunk against the KV cache (`tinyvlm_jax.models.qwen2`) and the
+vision tower's attention (`tinyvlm_jax.models.siglip`).
 
 Each caller wraps them in `jax.lax.platform_dependent`, so one program still runs everywhere:
 the kernels on CPU, the plain XLA formulation on accelerators (SigLIP's attention, whose
@@ -17,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -30,9 +32,10 @@ log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 DISABLE_ENV = "TINYVLM_CPU_KERNELS"  # set to 0 to use the XLA formulations on CPU too
 CACHE_ENV = "TINYVLM_KERNEL_CACHE"
+GEMV_MAX_ROWS = 16  # at most this many rows of x per call use the GEMV kernels (a decode step)
 
 # FFI target (registered as "tinyvlm_" + name) -> exported handler symbol.
-_TARGETS = {"gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4", "dequant_i8": "TinyvlmDequantI8",
+_TARGETS = {"gemv_f32": "TinyvlmGemvF32", "gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4", "dequant_i8": "TinyvlmDequantI8",
             "dequant_i4": "TinyvlmDequantI4", "decode_attention": "TinyvlmDecodeAttention",
             "attention": "TinyvlmAttention", "chunk_attention": "TinyvlmChunkAttention"}
 
@@ -101,3 +104,40 @@ def call(name: str, shape, *args, **attrs):
   """Calls kernel `name` (a key of _TARGETS) on args; one float32 result of `shape`."""
   return jax.ffi.ffi_call(f"tinyvlm_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")(*args, **attrs)
+
+
+@jax.custom_vjp
+def _gemv_f32(x, w):
+  """x [..., K] @ w [K, N] in float32: the `gemv_f32` kernel on CPU, XLA's dot elsewhere."""
+  def cpu(x, w):
+    return call("gemv_f32", x.shape[:-1] + (w.shape[1],), x, w)
+  return jax.lax.platform_dependent(x, w, cpu=cpu, default=jnp.matmul)
+
+
+def _gemv_f32_fwd(x, w):
+  return _gemv_f32(x, w), (x, w)
+
+
+def _gemv_f32_bwd(res, g):  # XLA's formulation: the kernel is for inference
+  x, w = res
+  return g @ w.T, jnp.einsum("...k,...n->kn", x, g)
+
+
+_gemv_f32.defvjp(_gemv_f32_fwd, _gemv_f32_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`jax.lax.dot_general` for `nn.Dense(dot_general=...)`: a float32 decode step (x [..., K] with at
+  most GEMV_MAX_ROWS rows, kernel [K, N], N % 8 == 0) runs the `gemv_f32` kernel on CPU, which
+  streams the weights at the memory's speed (XLA:CPU's dot packs them first and read them at
+  10-14 GB/s here); everything else is `jax.lax.dot_general`. Same params, same results up to the
+  order of the float32 sums; differentiable (the gradient uses XLA's dots)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  rows = math.prod(lhs.shape[:-1])
+  if (lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or rhs.ndim != 2
+      or rows > GEMV_MAX_ROWS or rhs.shape[1] % 8
+      or (preferred_element_type is not None and jnp.dtype(preferred_element_type) != jnp.float32)
+      or not fits(lhs, rhs, multiple=1)):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  return _gemv_f32(lhs, rhs)

@@ -49,7 +49,7 @@ from tinyvlm_jax import cpu_kernels
 MODES = ("none", "int8", "int4", "int4_g128", "int4_g64", "int4_g32")
 INT4_DEFAULT_GROUP = 128
 TILE_ROWS = 8
-GEMV_MAX_ROWS = 16  # at most this many rows of x per call use the CPU GEMV kernels
+GEMV_MAX_ROWS = cpu_kernels.GEMV_MAX_ROWS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,12 +58,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _dense(config: QwenConfig, features: int, *, use_bias: bool, name: str | None = None) -> nn.Module:
-  """nn.Dense, or its weight-only quantized twin when `config.quantization` is set."""
+  """nn.Dense (a decode step's float32 product on CPU runs the `gemv_f32` kernel: see
+  `cpu_kernels.dense_dot_general`), or its weight-only quantized twin when `config.quantization` is set."""
   dtype = jnp.dtype(config.dtype)
   if config.quantization != "none":
     return QuantDense(features, config.quantization, use_bias=use_bias, dtype=dtype, name=name)
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+                  kernel_init=nn.initializers.normal(config.initializer_range),
+                  dot_general=cpu_kernels.dense_dot_general, name=name)
 
 
 def _rms_norm(config: QwenConfig, name: str) -> nn.RMSNorm:
