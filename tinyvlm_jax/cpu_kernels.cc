@@ -56,7 +56,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTileRows = 8;
-constexpr int64_t kRowsPerTask = 64;
+constexpr int64_t kBlocksPerThread = 2;
 constexpr int kPrefetchBytes = 1024;
 
 // Runs body(chunk) for chunk in [0, n): the caller and up to num_threads - 1 pool tasks claim chunks
@@ -81,12 +81,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
   while (shared->done.load(std::memory_order_acquire) < n) _mm_pause();
 }
 
-// Row blocks of kRowsPerTask rows, spread over the pool.
+// N rows (a multiple of kTileRows) in kBlocksPerThread blocks per pool thread: each block is one
+// contiguous stretch of the tiled weights. Against blocks of 64 rows, the full-size LLM's MLP weights
+// streamed 3-7% faster (int8 and int4, the two timed in turn in one process).
 template <typename F>
 void ForRowBlocks(ffi::ThreadPool& pool, int64_t N, const F& rows) {
-  ParallelFor(pool, (N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t c) {
-    rows(c * kRowsPerTask, std::min(N, (c + 1) * kRowsPerTask));
-  });
+  if (N <= 0) return;
+  const int64_t split = std::max<int64_t>(1, kBlocksPerThread * pool.num_threads());
+  const int64_t per = (N + kTileRows * split - 1) / (kTileRows * split) * kTileRows;
+  ParallelFor(pool, (N + per - 1) / per, [&](int64_t c) { rows(c * per, std::min(N, (c + 1) * per)); });
 }
 
 // a[0..7] (8 partial-sum vectors, one per row) -> one vector of the 8 row sums.
