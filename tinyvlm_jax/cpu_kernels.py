@@ -35,8 +35,9 @@ CACHE_ENV = "TINYVLM_KERNEL_CACHE"
 GEMV_MAX_ROWS = 16  # at most this many rows of x per call use the GEMV kernels (a decode step)
 
 # FFI target (registered as "tinyvlm_" + name) -> exported handler symbol.
-_TARGETS = {"gemv_f32": "TinyvlmGemvF32", "gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4", "dequant_i8": "TinyvlmDequantI8",
-            "dequant_i4": "TinyvlmDequantI4", "decode_attention": "TinyvlmDecodeAttention",
+_TARGETS = {"gemv_f32": "TinyvlmGemvF32", "gemv_i8": "TinyvlmGemvI8", "gemv_i4": "TinyvlmGemvI4",
+            "dequant_i8": "TinyvlmDequantI8", "dequant_i4": "TinyvlmDequantI4",
+            "decode_attention": "TinyvlmDecodeAttention",
             "attention": "TinyvlmAttention", "chunk_attention": "TinyvlmChunkAttention"}
 
 
@@ -129,9 +130,10 @@ _gemv_f32.defvjp(_gemv_f32_fwd, _gemv_f32_bwd)
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """`jax.lax.dot_general` for `nn.Dense(dot_general=...)`: a float32 decode step (x [..., K] with at
   most GEMV_MAX_ROWS rows, kernel [K, N], N % 8 == 0) runs the `gemv_f32` kernel on CPU, which
-  streams the weights at the memory's speed (XLA:CPU's dot packs them first and read them at
-  10-14 GB/s here); everything else is `jax.lax.dot_general`. Same params, same results up to the
-  order of the float32 sums; differentiable (the gradient uses XLA's dots)."""
+  streams the weights at the memory's speed (XLA:CPU's dot packs them first: the full-size LLM's MLP
+  weights at 15.6 GB/s against the kernel's 20.1 here); everything else is `jax.lax.dot_general`.
+  Same params, same results up to the order of the float32 sums; differentiable (the gradient uses
+  XLA's dots)."""
   (lc, rc), (lb, rb) = dimension_numbers
   rows = math.prod(lhs.shape[:-1])
   if (lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or rhs.ndim != 2
