@@ -192,11 +192,12 @@ def test_prefill_attention_kernel_equals_the_xla_formulation(b, length, kv, g, h
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lead,k,n", [((1, 1), 37, 24), ((2, 8), 64, 8), ((3,), 896, 136)])
+@pytest.mark.parametrize("lead,k,n", [((1, 1), 37, 24), ((2, 8), 64, 8), ((3,), 896, 136), ((2,), 21, 16392)])
 def test_dense_gemv_kernel_equals_the_xla_dot(lead, k, n):
   """nn.Dense with cpu_kernels.dense_dot_general: a float32 product of at most 16 rows runs the
-  gemv_f32 kernel (any K, including one that is not a multiple of its 4-row steps), equal to XLA's
-  dot, the same on every call, with XLA's gradient; other products stay XLA's."""
+  gemv_f32 kernel (any K, including one that is not a multiple of its 4-row steps; N above 16384 split
+  by columns), equal to XLA's dot, the same on every call, with XLA's gradient; other products stay
+  XLA's."""
   if not cpu_kernels.available():
     pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
   rng = np.random.default_rng(k)

@@ -283,56 +283,61 @@ ffi::Error GemvI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-// y[m] += sum_{k0 <= k < k1} x[m, k] w[k, :] for m < M (x [M, K], w [K, N], y [M, N]; N % 8 == 0),
-// four rows of w at a time: rows k0..k1 of w are one contiguous stretch of memory, read once in
-// order (for M > 1 the other rows of x find the four rows in L2).
-void AxpyRowsF32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1,
-                 float* y) {
+// y[m, :n] += sum_{k0 <= k < k1} x[m, k] w[k, :n] for m < M (x [M, K]; rows of w and y ldw and ldy
+// floats apart; n % 8 == 0), four rows of w at a time: with n = ldw, rows k0..k1 of w are one
+// contiguous stretch of memory, read once in order (for M > 1 the other rows of x find the four rows
+// in L2).
+void AxpyRowsF32(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw, int64_t n, int64_t k0,
+                 int64_t k1, float* y, int64_t ldy) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
-    const float *w0 = w + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+    const float *w0 = w + k * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * K + k;
       const __m256 x0 = _mm256_set1_ps(xm[0]), x1 = _mm256_set1_ps(xm[1]);
       const __m256 x2 = _mm256_set1_ps(xm[2]), x3 = _mm256_set1_ps(xm[3]);
-      float* ym = y + m * N;
-      int64_t n = 0;
-      for (; n + 16 <= N; n += 16) {
-        __m256 a = _mm256_loadu_ps(ym + n), b = _mm256_loadu_ps(ym + n + 8);
-        a = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), a);
-        b = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n + 8), b);
-        a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), a);
-        b = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n + 8), b);
-        a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), a);
-        b = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n + 8), b);
-        a = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), a);
-        b = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n + 8), b);
-        _mm256_storeu_ps(ym + n, a);
-        _mm256_storeu_ps(ym + n + 8, b);
+      float* ym = y + m * ldy;
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16) {
+        __m256 a = _mm256_loadu_ps(ym + j), b = _mm256_loadu_ps(ym + j + 8);
+        a = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + j), a);
+        b = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + j + 8), b);
+        a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + j), a);
+        b = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + j + 8), b);
+        a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + j), a);
+        b = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + j + 8), b);
+        a = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + j), a);
+        b = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + j + 8), b);
+        _mm256_storeu_ps(ym + j, a);
+        _mm256_storeu_ps(ym + j + 8, b);
       }
-      for (; n < N; n += 8) {
-        __m256 a = _mm256_loadu_ps(ym + n);
-        a = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), a);
-        a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), a);
-        a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), a);
-        a = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), a);
-        _mm256_storeu_ps(ym + n, a);
+      for (; j < n; j += 8) {
+        __m256 a = _mm256_loadu_ps(ym + j);
+        a = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + j), a);
+        a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + j), a);
+        a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + j), a);
+        a = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + j), a);
+        _mm256_storeu_ps(ym + j, a);
       }
     }
   }
   for (; k < k1; ++k)
     for (int64_t m = 0; m < M; ++m) {
       const __m256 xv = _mm256_set1_ps(x[m * K + k]);
-      for (int64_t n = 0; n < N; n += 8)
-        _mm256_storeu_ps(y + m * N + n, _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k * N + n), _mm256_loadu_ps(y + m * N + n)));
+      for (int64_t j = 0; j < n; j += 8)
+        _mm256_storeu_ps(y + m * ldy + j,
+                         _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k * ldw + j), _mm256_loadu_ps(y + m * ldy + j)));
     }
 }
 
 // y [M, N] = x [M, K] @ w [K, N] in float32, w as a Flax Dense kernel holds it (inputs major), for a
-// few rows of x (see the top of this file). Each of max(8, 2 x threads) tasks takes a contiguous run of rows of w and adds their products into
-// its own partial sums [M, N], which are then added in task order (the same result whichever thread
-// took which task).
+// few rows of x (see the top of this file), in max(8, 2 x threads) tasks. Up to kAxpyMaxSplitN
+// outputs, each task takes a contiguous run of rows of w and adds their products into its own
+// partial sums [M, N], which are then added in task order (the same result whichever thread took
+// which task). Wider layers (an untied LM head) would make those sums as large as the weights' rows
+// themselves, so each task takes a block of columns instead and writes its outputs directly.
 constexpr int64_t kAxpyTasks = 8;
+constexpr int64_t kAxpyMaxSplitN = 16384;
 
 ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y) {
@@ -344,16 +349,25 @@ ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (N % 8 != 0) return Invalid("TinyvlmGemvF32", "N must be a multiple of 8, got " + std::to_string(N));
   const int64_t M = K ? x.element_count() / K : 0;
   const int64_t split = std::max<int64_t>(kAxpyTasks, 2 * pool.num_threads());
-  const int64_t per = (K + 4 * split - 1) / (4 * split) * 4;  // rows of w per task, a multiple of 4
-  const int64_t tasks = per ? (K + per - 1) / per : 0;
+  const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
   std::fill(yp, yp + M * N, 0.f);
-  if (tasks == 0) return ffi::Error::Success();
+  if (M == 0 || K == 0 || N == 0) return ffi::Error::Success();
+  if (N > kAxpyMaxSplitN) {
+    const int64_t cols = (N + 16 * split - 1) / (16 * split) * 16;  // whole cache lines of y per task
+    ParallelFor(pool, (N + cols - 1) / cols, [&](int64_t t) {
+      const int64_t n0 = t * cols;
+      AxpyRowsF32(xp, M, K, wp + n0, N, std::min(N, n0 + cols) - n0, 0, K, yp + n0, N);
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t per = (K + 4 * split - 1) / (4 * split) * 4;  // rows of w per task, a multiple of 4
+  const int64_t tasks = (K + per - 1) / per;
   std::unique_ptr<float[]> parts(new float[tasks * M * N]);
   ParallelFor(pool, tasks, [&](int64_t t) {
     float* part = parts.get() + t * M * N;
     std::fill(part, part + M * N, 0.f);
-    AxpyRowsF32(x.typed_data(), M, K, w.typed_data(), N, t * per, std::min(K, (t + 1) * per), part);
+    AxpyRowsF32(xp, M, K, wp, N, N, t * per, std::min(K, (t + 1) * per), part, N);
   });
   for (int64_t t = 0; t < tasks; ++t) {
     const float* part = parts.get() + t * M * N;
