@@ -351,7 +351,7 @@ ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t split = std::max<int64_t>(kAxpyTasks, 2 * pool.num_threads());
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
-  std::fill(yp, yp + M * N, 0.f);
+  std::fill(yp, yp + y->element_count(), 0.f);  // all of y: with K = 0, M cannot be read off x
   if (M == 0 || K == 0 || N == 0) return ffi::Error::Success();
   if (N > kAxpyMaxSplitN) {
     const int64_t cols = (N + 16 * split - 1) / (16 * split) * 16;  // whole cache lines of y per task
