@@ -82,7 +82,7 @@ def test_bad_mode_and_shapes_are_named():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4_g64"])
-@pytest.mark.parametrize("rows", [1, 3, 40])  # GEMV kernel (<= 16 rows) and dequantize + dot
+@pytest.mark.parametrize("rows", [1, 3, 11, 40])  # GEMV kernel (<= 16 rows) and dequantize + dot
 def test_cpu_kernels_equal_the_xla_path(mode, rows, monkeypatch):
   if not cpu_kernels.available():
     pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
@@ -97,6 +97,9 @@ def test_cpu_kernels_equal_the_xla_path(mode, rows, monkeypatch):
   got = np.asarray(jax.jit(q.quantized_matmul)(x, qk, scale))
   # The int4 GEMV rounds each group of x to int16: within 1.5e-5 of the group's largest input.
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  if rows <= cpu_kernels.GEMV_MAX_ROWS:  # the GEMV gives a row the same bits alone as in a batch
+    alone = [np.asarray(jax.jit(q.quantized_matmul)(x[i:i + 1], qk, scale)) for i in range(rows)]
+    np.testing.assert_array_equal(got, np.concatenate(alone))
   bad = x.copy()
   bad[-1, 5] = np.nan  # a non-finite input gives NaN outputs in its row only, as a float product does
   got = np.asarray(jax.jit(q.quantized_matmul)(bad, qk, scale))

@@ -14,6 +14,9 @@
 // the packed weights once, dequantize in registers, and split the rows over XLA's intra-op pool
 // (int4 multiplies in integers, with x rounded to int16 per group: see RowsI4). An int8 kernel in
 // integers as well ran no faster here: int8 streams its weights at the memory's speed already.
+// With several rows of x (a batched decode), the int8 kernel converts each weight vector once for
+// up to 4 rows (TileI8): a batch-8 decode of the full-size int8 LLM went from 61 to 79 tok/s
+// (medians of 4 rounds, the two kernels in turn in one process).
 //
 // Weights are stored in row tiles so that a tile is one contiguous stream (N outputs, K inputs):
 //   int8: q int8 [N/8, K/8, 8, 8]     tile (i, j) holds rows 8i..8i+7, columns 8j..8j+7
@@ -125,6 +128,32 @@ void RowsI8(const float* x, int64_t K, const int8_t* q, const float* scale, floa
     }
     _mm256_storeu_ps(y + r, _mm256_mul_ps(ReduceRows(a), _mm256_loadu_ps(scale + r)));
   }
+}
+
+// y[m, r..r+8) for MB rows of x (x [MB, K] rows ldx apart, y rows ldy apart) and the int8 tile of
+// rows r..r+7 (t): each converted weight vector serves all MB rows (RowsI8 converts it again for every
+// row). Two tile rows at a time keep the 2 MB sums, 2 weight vectors and a row of x in registers. The
+// sums are added in RowsI8's order, so each row's result is the same bit for bit.
+template <int MB>
+void TileI8(const float* x, int64_t ldx, int64_t K, const int8_t* t, const float* scale, float* y, int64_t ldy) {
+  __m256 sums[MB][8];
+  for (int j = 0; j < 8; j += 2) {
+    __m256 a[MB][2];
+    for (int m = 0; m < MB; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+    const int8_t* tk = t + j * 8;
+    for (int64_t k = 0; k < K; k += 8, tk += 64) {
+      if (j == 0) _mm_prefetch(reinterpret_cast<const char*>(tk + kPrefetchBytes), _MM_HINT_T0);
+      const __m256 w0 = LoadI8(tk), w1 = LoadI8(tk + 8);
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+        a[m][0] = _mm256_fmadd_ps(w0, xv, a[m][0]);
+        a[m][1] = _mm256_fmadd_ps(w1, xv, a[m][1]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) sums[m][j] = a[m][0], sums[m][j + 1] = a[m][1];
+  }
+  const __m256 sv = _mm256_loadu_ps(scale);
+  for (int m = 0; m < MB; ++m) _mm256_storeu_ps(y + m * ldy, _mm256_mul_ps(ReduceRows(sums[m]), sv));
 }
 
 // One row's 16 packed bytes -> its 32 nibbles (0..15) as 4 x 8 float32, in column order.
@@ -254,7 +283,18 @@ ffi::Error GemvI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
-    for (int64_t m = 0; m < M; ++m) RowsI8(xp + m * K, K, q.typed_data(), scale.typed_data(), yp + m * N, r0, r1);
+    if (M == 1) return RowsI8(xp, K, q.typed_data(), scale.typed_data(), yp, r0, r1);
+    for (int64_t r = r0; r < r1; r += kTileRows) {  // each tile from memory once, for every row of x
+      const int8_t* t = q.typed_data() + r * K;
+      const float* sc = scale.typed_data() + r;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) TileI8<4>(xp + m * K, K, K, t, sc, yp + m * N + r, N);
+      switch (M - m) {
+        case 3: TileI8<3>(xp + m * K, K, K, t, sc, yp + m * N + r, N); break;
+        case 2: TileI8<2>(xp + m * K, K, K, t, sc, yp + m * N + r, N); break;
+        case 1: TileI8<1>(xp + m * K, K, K, t, sc, yp + m * N + r, N); break;
+      }
+    }
   });
   return ffi::Error::Success();
 }
