@@ -130,12 +130,12 @@ void RowsI8(const float* x, int64_t K, const int8_t* q, const float* scale, floa
   }
 }
 
-// y[m, r..r+8) for MB rows of x (x [MB, K] rows ldx apart, y rows ldy apart) and the int8 tile of
-// rows r..r+7 (t): each converted weight vector serves all MB rows (RowsI8 converts it again for every
-// row). Two tile rows at a time keep the 2 MB sums, 2 weight vectors and a row of x in registers. The
-// sums are added in RowsI8's order, so each row's result is the same bit for bit.
+// y[m, r..r+8) for MB rows of x (x [MB, K], y rows ldy apart) and the int8 tile of rows r..r+7 (t):
+// each converted weight vector serves all MB rows (RowsI8 is the one-row kernel). Two tile rows at a
+// time keep the 2 MB sums, 2 weight vectors and a row of x in registers. The sums are added in
+// RowsI8's order, so each row's result is the same bit for bit.
 template <int MB>
-void TileI8(const float* x, int64_t ldx, int64_t K, const int8_t* t, const float* scale, float* y, int64_t ldy) {
+void TileI8(const float* x, int64_t K, const int8_t* t, const float* scale, float* y, int64_t ldy) {
   __m256 sums[MB][8];
   for (int j = 0; j < 8; j += 2) {
     __m256 a[MB][2];
@@ -145,7 +145,7 @@ void TileI8(const float* x, int64_t ldx, int64_t K, const int8_t* t, const float
       if (j == 0) _mm_prefetch(reinterpret_cast<const char*>(tk + kPrefetchBytes), _MM_HINT_T0);
       const __m256 w0 = LoadI8(tk), w1 = LoadI8(tk + 8);
       for (int m = 0; m < MB; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
         a[m][0] = _mm256_fmadd_ps(w0, xv, a[m][0]);
         a[m][1] = _mm256_fmadd_ps(w1, xv, a[m][1]);
       }
@@ -288,11 +288,11 @@ ffi::Error GemvI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       const int8_t* t = q.typed_data() + r * K;
       const float* sc = scale.typed_data() + r;
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) TileI8<4>(xp + m * K, K, K, t, sc, yp + m * N + r, N);
+      for (; m + 4 <= M; m += 4) TileI8<4>(xp + m * K, K, t, sc, yp + m * N + r, N);
       switch (M - m) {
-        case 3: TileI8<3>(xp + m * K, K, K, t, sc, yp + m * N + r, N); break;
-        case 2: TileI8<2>(xp + m * K, K, K, t, sc, yp + m * N + r, N); break;
-        case 1: TileI8<1>(xp + m * K, K, K, t, sc, yp + m * N + r, N); break;
+        case 3: TileI8<3>(xp + m * K, K, t, sc, yp + m * N + r, N); break;
+        case 2: TileI8<2>(xp + m * K, K, t, sc, yp + m * N + r, N); break;
+        case 1: TileI8<1>(xp + m * K, K, t, sc, yp + m * N + r, N); break;
       }
     }
   });
