@@ -221,6 +221,35 @@ def test_dense_gemv_kernel_equals_the_xla_dot(lead, k, n):
           odd, x).as_text()
 
 
+@pytest.mark.parametrize("rows,d", [(2, 64), (3, 264), (8, 24), (11, 264), (16, 64)])
+def test_tied_head_kernel_equals_the_xla_dot(rows, d):
+  """cpu_kernels.tied_logits: a float32 batched decode step (2 to 16 rows) runs the gemv_f32_t
+  kernel (D below and above its 256-column steps, rows in blocks of 4 and the rest), equal to XLA's
+  dot, each row with the same bits as the kernel gives it alone, with XLA's gradient; one row and
+  other shapes stay XLA's."""
+  if not cpu_kernels.available():
+    pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
+  rng = np.random.default_rng(rows)
+  v = 8 * 67  # several row blocks per thread, each with its own next-tile prefetch
+  x = jnp.asarray(rng.normal(size=(rows, d)).astype(np.float32))
+  emb = jnp.asarray(rng.normal(size=(v, d)).astype(np.float32))
+  head = jax.jit(cpu_kernels.tied_logits)
+  assert "tinyvlm_gemv_f32_t" in head.lower(x, emb).as_text()
+  got = np.asarray(head(x, emb))
+  want = np.asarray(x) @ np.asarray(emb).T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(d))
+  assert "tinyvlm_gemv_f32_t" not in head.lower(x[:1], emb).as_text()  # one row: XLA's dot
+  kernel_alone = jax.jit(lambda x, e: cpu_kernels.call("gemv_f32_t", (1, v), x, e))
+  alone = np.concatenate([np.asarray(kernel_alone(x[i:i + 1], emb)) for i in range(rows)])
+  np.testing.assert_array_equal(got, alone)  # the kernel gives a row the same bits alone as in a batch
+  c = jnp.asarray(rng.normal(size=(rows, v)).astype(np.float32))  # a linear loss: gradients c @ emb, c.T @ x
+  loss = lambda f: jax.grad(lambda x, e: jnp.sum(f(x, e) * c), argnums=(0, 1))
+  for g_ours, g_plain in zip(loss(cpu_kernels.tied_logits)(x, emb), loss(lambda x, e: x @ e.T)(x, emb)):
+    np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_plain), rtol=1e-5, atol=1e-5 * np.sqrt(v))
+  assert "tinyvlm_gemv_f32_t" not in head.lower(jnp.ones((17, d)), emb).as_text()  # not a decode step
+  assert "tinyvlm_gemv_f32_t" not in head.lower(x, emb[:-1]).as_text()  # V % 8 != 0
+
+
 def test_untied_head_matches_transformers(untied):
   cfg, hf, params = untied
   assert params["lm_head"]["kernel"].shape == (cfg.hidden_size, cfg.vocab_size)

@@ -1,5 +1,5 @@
 // XLA:CPU kernels (built and registered by tinyvlm_jax/cpu_kernels.py): weight-only quantized
-// GEMVs for tinyvlm_jax/quantize.py, the float32 GEMV of a decode step, the attention of a decode
+// GEMVs for tinyvlm_jax/quantize.py, the float32 GEMVs of a decode step, the attention of a decode
 // step and of a prefill for tinyvlm_jax/models/qwen2.py and the vision tower's attention for
 // tinyvlm_jax/models/siglip.py.
 //
@@ -8,6 +8,16 @@
 // LLM's MLP weights went through it at 15.6 GB/s, against 20.1 GB/s for this kernel, which reads
 // each weight once in order (medians of 8 rounds, the two in turn in one process; in a profiled
 // decode step, XLA's dots read them at 10-14 GB/s).
+//
+// Tied LM head. TinyvlmGemvF32T(x [M, K], w [N, K]) -> y [M, N] for the float32 tied head of a
+// batched decode step, whose weights are the embedding table [V, D] (rows of w dotted with x).
+// XLA's dot reads the 545 MB table at the memory's speed for one row of x (and stays in use there:
+// 5-10% faster than this kernel), but for 8 rows it took 61-87 ms; this kernel reads each block of
+// 8 table rows once for all rows of x: 32-43 ms (151,936 x 896, 2 threads, the two in turn in one
+// process, by the machine's phase). Whole float32 decodes of the full-size LLM (64 steps after an
+// 832-token prefill, in turn in one process, the same tokens): batch 8 from 34.8 to 46.4 tok/s and,
+// in a slower phase, from 32.6 to 39.0; batch 4 from 24.6 to 30.5 (medians of 4-6 rounds, the
+// kernel faster in every round).
 //
 // Quantized layers. XLA:CPU converts an int8 dot operand to float32 in memory before the dot (about 0.3 G
 // weights/s here), so decoding with int8 weights would be slower than float32. These kernels read
@@ -377,6 +387,7 @@ void AxpyRowsF32(const float* x, int64_t M, int64_t K, const float* w, int64_t l
 // which task). Wider layers (an untied LM head) would make those sums as large as the weights' rows
 // themselves, so each task takes a block of columns instead and writes its outputs directly.
 constexpr int64_t kAxpyTasks = 8;
+constexpr int64_t kF32TRows = 16, kF32TDepth = 256;
 constexpr int64_t kAxpyMaxSplitN = 16384;
 
 ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -414,6 +425,85 @@ ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     for (int64_t j = 0; j < M * N; j += 8)
       _mm256_storeu_ps(yp + j, _mm256_add_ps(_mm256_loadu_ps(yp + j), _mm256_loadu_ps(part + j)));
   }
+  return ffi::Error::Success();
+}
+
+// acc[m * 8 + i] += lanes of x[m, k0..k1) * w[i, k0..k1) for MB rows of x and RB rows of w (both K
+// floats apart): each lane of a sum takes the columns k = lane (mod 8), in order, so a sum gets the
+// same bits whatever MB, RB and the split of k are. pf, if set: the rows to prefetch into L2 meanwhile.
+template <int MB, int RB>
+inline void DotBlock(const float* x, int64_t K, const float* w, int64_t k0, int64_t k1, __m256* acc, const float* pf) {
+  __m256 a[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int i = 0; i < RB; ++i) a[m][i] = acc[m * 8 + i];
+  for (int64_t k = k0; k < k1; k += 8) {
+    if (pf != nullptr && k % 16 == 0)
+      for (int i = 0; i < RB; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * K + k), _MM_HINT_T1);
+    for (int i = 0; i < RB; ++i) {
+      const __m256 wv = _mm256_loadu_ps(w + i * K + k);
+      for (int m = 0; m < MB; ++m) a[m][i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), a[m][i]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int i = 0; i < RB; ++i) acc[m * 8 + i] = a[m][i];
+}
+
+// DotBlock over the 8 rows of a tile (t: its first row), RB rows at a time.
+template <int MB, int RB>
+void TileDots(const float* x, int64_t K, const float* t, int64_t k0, int64_t k1, __m256* acc, const float* pf) {
+  for (int j = 0; j < 8; j += RB) DotBlock<MB, RB>(x, K, t + j * K, k0, k1, acc + j, pf ? pf + j * K : nullptr);
+}
+
+// y[m, r0..r1) for all M rows of x and rows r0..r1 of w [N, K] (a multiple of 8): per tile of 8 rows
+// of w, up to kF32TRows rows of x at a time, kF32TDepth columns at a time (so that the tile's and
+// x's columns stay in L1 while every row of x uses them), 4 rows of x x 2 rows of w per register
+// block. The first rows of x prefetch the next tile into L2 as they read this one: without that,
+// a batch-8 head took 55-61 ms against 44-54 (2 threads, 151,936 x 896).
+void RowsF32T(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t r0, int64_t r1) {
+  __m256 acc[kF32TRows * 8];
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const float* t = w + r * K;
+    const float* next = r + kTileRows < r1 ? t + kTileRows * K : nullptr;
+    for (int64_t m0 = 0; m0 < M; m0 += kF32TRows) {
+      const int64_t mb = std::min(kF32TRows, M - m0);
+      const float* xb = x + m0 * K;
+      std::fill(acc, acc + mb * 8, _mm256_setzero_ps());
+      for (int64_t k0 = 0; k0 < K; k0 += kF32TDepth) {
+        const int64_t k1 = std::min(K, k0 + kF32TDepth);
+        int64_t m = 0;
+        for (; m + 4 <= mb; m += 4) TileDots<4, 2>(xb + m * K, K, t, k0, k1, acc + m * 8, m0 + m == 0 ? next : nullptr);
+        const float* pf = m0 + m == 0 ? next : nullptr;
+        switch (mb - m) {
+          case 3: TileDots<3, 2>(xb + m * K, K, t, k0, k1, acc + m * 8, pf); break;
+          case 2: TileDots<2, 4>(xb + m * K, K, t, k0, k1, acc + m * 8, pf); break;
+          case 1: TileDots<1, 8>(xb + m * K, K, t, k0, k1, acc + m * 8, pf); break;
+        }
+      }
+      for (int64_t m = 0; m < mb; ++m) _mm256_storeu_ps(y + (m0 + m) * N + r, ReduceRows(acc + m * 8));
+    }
+  }
+}
+
+// y [M, N] = x [M, K] @ w.T for w [N, K] (a tied LM head in a batched decode step: see the top of
+// this file). Each row of y gets the same bits as this kernel gives that row alone.
+ffi::Error GemvF32T(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2) return Invalid("TinyvlmGemvF32T", "w must be [N, K]");
+  const int64_t N = wd[0], K = wd[1];
+  if (x.dimensions().size() < 1 || x.dimensions().back() != K)
+    return Invalid("TinyvlmGemvF32T", "x's last dimension must equal w's K = " + std::to_string(K));
+  if (N % kTileRows != 0 || K % 8 != 0)
+    return Invalid("TinyvlmGemvF32T", "N and K must be multiples of 8, got N=" + std::to_string(N) +
+                                          " K=" + std::to_string(K));
+  const int64_t M = K ? x.element_count() / K : 0;
+  const float *xp = x.typed_data(), *wp = w.typed_data();
+  float* yp = y->typed_data();
+  if (K == 0) {
+    std::fill(yp, yp + y->element_count(), 0.f);
+    return ffi::Error::Success();
+  }
+  ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) { RowsF32T(xp, M, K, wp, yp, N, r0, r1); });
   return ffi::Error::Success();
 }
 
@@ -923,6 +1013,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvI4, GemvI4,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvF32, GemvF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvF32T, GemvF32T,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

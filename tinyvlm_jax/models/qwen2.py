@@ -323,8 +323,9 @@ class Qwen2ForCausalLM(nn.Module):
       logits = self.embed_tokens.attend(x)                              # [..., D] -> [..., V]
     elif self.config.tie_word_embeddings:
       # Not `Embed.attend` (x @ E.T): XLA:CPU fuses that transpose into a single-threaded loop
-      # (100 ms per decode step); contracting E's last axis directly is one plain GEMV.
-      logits = jnp.einsum("...d,vd->...v", x.astype(dtype), self.embed_tokens.embedding.astype(dtype))
+      # (100 ms per decode step); contracting E's last axis directly is one plain GEMV, and a float32
+      # decode step runs the CPU kernel that reads E once for all rows (`cpu_kernels.tied_logits`).
+      logits = cpu_kernels.tied_logits(x.astype(dtype), self.embed_tokens.embedding.astype(dtype))
     else:
       logits = self.lm_head(x.astype(dtype))
     return logits.astype(jnp.float32)
