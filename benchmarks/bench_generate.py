@@ -2,10 +2,11 @@
 
   python benchmarks/bench_generate.py [--preset tinyvlm_0p6b] [--checkpoint DIR]
       [--quantize none,int8,int4] [--torch-dtypes float32,bfloat16] [--new-tokens 64]
-      [--question-tokens 32] [--repeats 3] [--threads N]
+      [--question-tokens 32] [--repeats 3] [--threads N] [--batch 1]
 
 One image (5 SigLIP views + the CNN view) and a question of exactly --question-tokens tokens in
-the ChatML prompt, batch 1, greedy. Stop ids are switched off, so every run generates exactly
+the ChatML prompt, greedy, batch 1 (the issue's setting) or --batch copies of it (a batched decode,
+as `launch/eval.py` runs 8 prompts at a time). Stop ids are switched off, so every run generates exactly
 --new-tokens tokens whatever the weights. Without --checkpoint the weights are random (normal,
 std 0.02; norms 1, biases 0), written once as a PyTorch export that both backends load, so they
 run the same numbers. Each backend and variant runs in its own process (separate RSS peaks, no
@@ -14,11 +15,11 @@ median is reported:
 
   vision_s   the image encoder (SigLIP on 5 views, pooler, connector, CNN, fuser)
   ttft_s     prompt in -> first new token (vision + embedding + prefill + first token)
-  decode_tps new tokens after the first / seconds after the first
+  decode_tps new tokens after the first (over all rows of the batch) / seconds after the first
   rss_gb     peak RSS during the timed generations; rss_peak_gb over the process's life (loading)
 
   bw_gbs     memory read bandwidth just before the run (XLA float32 GEMV over 1 GiB), and
-  bw_frac    decode_tps x the LLM weight bytes read per token / bw_gbs (1.0 = at the bandwidth limit)
+  bw_frac    decode_tps / batch x the LLM weight bytes read per step / bw_gbs (1.0 = at the bandwidth limit)
 
 Settings: both backends run with glibc keeping freed memory mapped and its heap on huge pages
 (`MALLOC_ENV` of tinyvlm_jax.cpu_runtime; otherwise every call page-faults its buffers in again,
@@ -78,6 +79,10 @@ def make_inputs(config, question_tokens: int, seed: int = 0) -> dict:
       break
   if len(ids) - base != question_tokens:
     raise SystemExit(f"could not make a question of exactly {question_tokens} tokens (got {len(ids) - base})")
+  if int(ids.max()) >= config.llm.vocab_size:
+    raise SystemExit(f"the prompt's Qwen2.5 token ids go up to {int(ids.max())}, beyond this preset's LLM "
+                     f"vocab_size {config.llm.vocab_size}: use a preset with the Qwen2.5 vocabulary "
+                     f"(tinyvlm_0p6b, demo)")
   rng = np.random.default_rng(seed)
   image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
   views = preprocess(image, config)
@@ -126,13 +131,15 @@ def child_jax(args, inputs) -> dict:
   towers = {name: weight_bytes(tree) for name, tree in params.items()}
   gen = VLMGenerator(config, params, stop_ids=(), pad_id=0)
   ids = inputs["input_ids"][0].tolist()
-  cnn = inputs["cnn_pixel_values"] if config.use_cnn else None
+  pixels = np.repeat(inputs["pixel_values"], args.batch, axis=0)
+  cnn = np.repeat(inputs["cnn_pixel_values"], args.batch, axis=0) if config.use_cnn else None
 
   def once() -> dict:
     gen.stats = type(gen.stats)()
-    tokens = gen.generate([ids], inputs["pixel_values"], cnn, max_new_tokens=args.new_tokens)[0]
-    if len(tokens) != args.new_tokens:
-      raise SystemExit(f"jax generated {len(tokens)} tokens, expected {args.new_tokens}")
+    rows = gen.generate([ids] * args.batch, pixels, cnn, max_new_tokens=args.new_tokens)
+    if any(len(r) != args.new_tokens for r in rows):
+      raise SystemExit(f"jax generated {[len(r) for r in rows]} tokens, expected {args.new_tokens} per row")
+    tokens = rows[0]
     s = gen.stats
     return {"vision_s": s.vision_seconds, "ttft_s": s.ttft_seconds[-1], "decode_tps": s.decode_tokens_per_second}, tokens
 
@@ -154,8 +161,9 @@ def child_torch(args, inputs) -> dict:
   torch.set_num_threads(args.threads)
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.variant]
   model = TinyVLMTorch.from_pretrained(args.export, dtype=dtype)
-  ids = torch.from_numpy(inputs["input_ids"]).long()
-  pixels, cnn = inputs["pixel_values"], inputs["cnn_pixel_values"] if model.config.use_cnn else None
+  ids = torch.from_numpy(np.repeat(inputs["input_ids"], args.batch, axis=0)).long()
+  pixels = np.repeat(inputs["pixel_values"], args.batch, axis=0)
+  cnn = np.repeat(inputs["cnn_pixel_values"], args.batch, axis=0) if model.config.use_cnn else None
   gen_config = transformers.GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                              do_sample=False, eos_token_id=None, pad_token_id=0, bos_token_id=None)
 
@@ -184,7 +192,8 @@ def child_torch(args, inputs) -> dict:
     if out.shape[1] != args.new_tokens:
       raise SystemExit(f"torch generated {out.shape[1]} tokens, expected {args.new_tokens}")
     ttft = streamer.first - start
-    return {"vision_s": vision_s, "ttft_s": ttft, "decode_tps": (args.new_tokens - 1) / (end - streamer.first)}, out[0].tolist()
+    decode_tps = (args.new_tokens - 1) * args.batch / (end - streamer.first)
+    return {"vision_s": vision_s, "ttft_s": ttft, "decode_tps": decode_tps}, out[0].tolist()
 
   start = time.perf_counter()
   once()
@@ -204,7 +213,7 @@ def run_child(args, backend: str, variant: str, export: str, inputs_path: str) -
   """Runs one backend and variant in a fresh process; its last stdout line is the result JSON."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, "--variant", variant, "--export", export,
          "--inputs", inputs_path, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-         "--threads", str(args.threads), "--train-steps", str(args.train_steps)]
+         "--threads", str(args.threads), "--train-steps", str(args.train_steps), "--batch", str(args.batch)]
   if args.checkpoint:
     cmd += ["--checkpoint", args.checkpoint]
   from tinyvlm_jax.cpu_runtime import MALLOC_ENV
@@ -352,6 +361,7 @@ def main(argv=None):
   p.add_argument("--question-tokens", type=int, default=32)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (default: all cores)")
+  p.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together (default: 1)")
   p.add_argument("--no-agreement", dest="agreement", action="store_false",
                  help="skip the quantization accuracy measurement")
   p.add_argument("--train-steps", type=int, default=300, help="training steps of the small LLM for --agreement")
@@ -360,6 +370,8 @@ def main(argv=None):
   p.add_argument("--export", help=argparse.SUPPRESS)
   p.add_argument("--inputs", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.batch < 1:
+    p.error(f"--batch must be at least 1, got {args.batch}")
 
   if args.child:
     inputs = dict(np.load(args.inputs))
@@ -389,12 +401,12 @@ def main(argv=None):
     del params
     print(f"weights and export ready in {time.perf_counter() - start:.1f} s; prompt {inputs['input_ids'].shape[1]} "
           f"tokens ({config.num_visual_tokens} visual, {args.question_tokens} question), {args.new_tokens} new "
-          f"tokens, batch 1, stop ids off; load average {load_average()}", flush=True)
+          f"tokens, batch {args.batch}, stop ids off; load average {load_average()}", flush=True)
     for backend, variant in variants:
       load_before, bandwidth = load_average(), read_bandwidth_gbs()
       r = run_child(args, backend, variant, export, inputs_path)
       r.update(load_average_before=load_before, bw_gbs=round(bandwidth, 2),
-               bw_frac=round(r["decode_tps"] * r["llm_bytes"] / 1e9 / bandwidth, 3))
+               bw_frac=round(r["decode_tps"] / args.batch * r["llm_bytes"] / 1e9 / bandwidth, 3))
       results[f"{backend}_{variant}"] = r
       print(f"{backend:5s} {variant:8s}  vision {r['vision_s']:6.2f} s  TTFT {r['ttft_s']:6.2f} s  decode "
             f"{r['decode_tps']:6.2f} tok/s ({r['bw_frac']:.2f} of {bandwidth:.1f} GB/s)  RSS {r['rss_gb']:5.2f} GB "
@@ -421,7 +433,8 @@ def main(argv=None):
           f"{r['vision_ratio']:.2f}")
   summary = {"preset": args.preset, "checkpoint": args.checkpoint, "new_tokens": args.new_tokens,
              "question_tokens": args.question_tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-             "repeats": args.repeats, "cpu_count": os.cpu_count(), "load_average_after": load_average(),
+             "repeats": args.repeats, "batch": args.batch, "cpu_count": os.cpu_count(),
+             "load_average_after": load_average(),
              "date": time.strftime("%Y-%m-%d %H:%M"), "results": results, "ratios": ratios,
              "agreement": agreement}
   print(json.dumps(summary))
