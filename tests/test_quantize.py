@@ -82,7 +82,7 @@ def test_bad_mode_and_shapes_are_named():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4_g64"])
-@pytest.mark.parametrize("rows", [1, 3, 11, 40])  # GEMV kernel (<= 16 rows) and dequantize + dot
+@pytest.mark.parametrize("rows", [1, 3, 6, 9, 11, 40])  # GEMV kernel (<= 16 rows: blocks of 4 and 1-3) and dequantize + dot
 def test_cpu_kernels_equal_the_xla_path(mode, rows, monkeypatch):
   if not cpu_kernels.available():
     pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
