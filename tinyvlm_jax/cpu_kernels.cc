@@ -12,7 +12,7 @@
 // Tied LM head. TinyvlmGemvF32T(x [M, K], w [N, K]) -> y [M, N] for the float32 tied head of a
 // batched decode step, whose weights are the embedding table [V, D] (rows of w dotted with x).
 // XLA's dot reads the 545 MB table at the memory's speed for one row of x (and stays in use there:
-// 5-10% faster than this kernel), but for 8 rows it took 61-87 ms; this kernel reads each block of
+// this kernel and its variants tried were 5-20% slower at one row), but for 8 rows it took 61-87 ms; this kernel reads each block of
 // 8 table rows once for all rows of x: 32-43 ms (151,936 x 896, 2 threads, the two in turn in one
 // process, by the machine's phase). Whole float32 decodes of the full-size LLM (64 steps after an
 // 832-token prefill, in turn in one process, the same tokens): batch 8 from 34.8 to 46.4 tok/s and,
@@ -474,7 +474,6 @@ void AxpyRowsF32(const float* x, int64_t M, int64_t K, const float* w, int64_t l
 // which task). Wider layers (an untied LM head) would make those sums as large as the weights' rows
 // themselves, so each task takes a block of columns instead and writes its outputs directly.
 constexpr int64_t kAxpyTasks = 8;
-constexpr int64_t kF32TRows = 16, kF32TDepth = 256;
 constexpr int64_t kAxpyMaxSplitN = 16384;
 
 ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -515,6 +514,8 @@ ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+constexpr int64_t kF32TRows = 16, kF32TDepth = 256;  // RowsF32T's rows of x and columns per pass
+
 // acc[m * 8 + i] += lanes of x[m, k0..k1) * w[i, k0..k1) for MB rows of x and RB rows of w (both K
 // floats apart): each lane of a sum takes the columns k = lane (mod 8), in order, so a sum gets the
 // same bits whatever MB, RB and the split of k are. pf, if set: the rows to prefetch into L2 meanwhile.
@@ -545,7 +546,7 @@ void TileDots(const float* x, int64_t K, const float* t, int64_t k0, int64_t k1,
 // of w, up to kF32TRows rows of x at a time, kF32TDepth columns at a time (so that the tile's and
 // x's columns stay in L1 while every row of x uses them), 4 rows of x x 2 rows of w per register
 // block. The first rows of x prefetch the next tile into L2 as they read this one: without that,
-// a batch-8 head took 55-61 ms against 44-54 (2 threads, 151,936 x 896).
+// a batch-8 head took 55-61 ms against 44-54 (2 threads, 151,936 x 896, in a C++ timing loop).
 void RowsF32T(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t r0, int64_t r1) {
   __m256 acc[kF32TRows * 8];
   for (int64_t r = r0; r < r1; r += kTileRows) {
