@@ -337,14 +337,19 @@ ffi::Error Invalid(const char* kernel, const std::string& what) {
   return ffi::Error::InvalidArgument(std::string(kernel) + ": " + what);
 }
 
-// x [..., K] -> (M, K); checks the tiling constraints.
-ffi::Error Dims(const char* kernel, const ffi::Buffer<ffi::F32>& x, int64_t K, int64_t N, int64_t* M) {
+// x [..., K] -> its M rows (0 when K = 0); checks that x's last dimension is the weights' K.
+ffi::Error RowsOfX(const char* kernel, const ffi::Buffer<ffi::F32>& x, int64_t K, int64_t* M) {
   if (x.dimensions().size() < 1 || x.dimensions().back() != K)
     return Invalid(kernel, "x's last dimension must equal the weights' K = " + std::to_string(K));
+  *M = K ? x.element_count() / K : 0;
+  return ffi::Error::Success();
+}
+
+// x [..., K] -> (M, K); checks the tiling constraints of the quantized layouts.
+ffi::Error Dims(const char* kernel, const ffi::Buffer<ffi::F32>& x, int64_t K, int64_t N, int64_t* M) {
   if (K % 32 != 0 || N % kTileRows != 0)
     return Invalid(kernel, "K must be a multiple of 32 and N of 8, got K=" + std::to_string(K) + " N=" + std::to_string(N));
-  *M = x.element_count() / K;
-  return ffi::Error::Success();
+  return RowsOfX(kernel, x, K, M);
 }
 
 ffi::Error GemvI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
@@ -390,21 +395,18 @@ ffi::Error GemvI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   auto input = [&](int64_t m) { return I4Input{q16.get() + m * K, xscale.get() + m * groups, sum2.get() + m * groups}; };
   for (int64_t m = 0; m < M; ++m) PrepareI4Input(xp + m * K, K, G, input(m));
   float* yp = y->typed_data();
-  if (M == 1) {
-    ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
-      RowsI4(input(0), K, G, p.typed_data(), scale.typed_data(), yp, r0, r1);
-    });
-    return ffi::Error::Success();
-  }
-  std::unique_ptr<int16_t[]> wide(new int16_t[M * 2 * K]);
-  std::unique_ptr<I4Input[]> ins(new I4Input[M]);
-  std::unique_ptr<const int16_t*[]> wides(new const int16_t*[M]);
-  for (int64_t m = 0; m < M; ++m) {
+  // Several rows of x (TileI4): their inputs widened, and pointers to each row's.
+  const int64_t tiled = M > 1 ? M : 0;
+  std::unique_ptr<int16_t[]> wide(new int16_t[tiled * 2 * K]);
+  std::unique_ptr<I4Input[]> ins(new I4Input[tiled]);
+  std::unique_ptr<const int16_t*[]> wides(new const int16_t*[tiled]);
+  for (int64_t m = 0; m < tiled; ++m) {
     WidenI4Input(q16.get() + m * K, K, wide.get() + m * 2 * K);
     ins[m] = input(m);
     wides[m] = wide.get() + m * 2 * K;
   }
   ForRowBlocks(pool, N, [&](int64_t r0, int64_t r1) {
+    if (M == 1) return RowsI4(input(0), K, G, p.typed_data(), scale.typed_data(), yp, r0, r1);
     for (int64_t r = r0; r < r1; r += kTileRows) {  // each tile from memory once, for every row of x
       const uint8_t* t = p.typed_data() + r * (K / 2);
       const uint16_t* s = scale.typed_data() + r * groups;
@@ -481,10 +483,9 @@ ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   auto wd = w.dimensions();
   if (wd.size() != 2) return Invalid("TinyvlmGemvF32", "w must be [K, N]");
   const int64_t K = wd[0], N = wd[1];
-  if (x.dimensions().size() < 1 || x.dimensions().back() != K)
-    return Invalid("TinyvlmGemvF32", "x's last dimension must equal w's K = " + std::to_string(K));
+  int64_t M;
+  if (auto e = RowsOfX("TinyvlmGemvF32", x, K, &M); e.failure()) return e;
   if (N % 8 != 0) return Invalid("TinyvlmGemvF32", "N must be a multiple of 8, got " + std::to_string(N));
-  const int64_t M = K ? x.element_count() / K : 0;
   const int64_t split = std::max<int64_t>(kAxpyTasks, 2 * pool.num_threads());
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
@@ -579,12 +580,11 @@ ffi::Error GemvF32T(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   auto wd = w.dimensions();
   if (wd.size() != 2) return Invalid("TinyvlmGemvF32T", "w must be [N, K]");
   const int64_t N = wd[0], K = wd[1];
-  if (x.dimensions().size() < 1 || x.dimensions().back() != K)
-    return Invalid("TinyvlmGemvF32T", "x's last dimension must equal w's K = " + std::to_string(K));
+  int64_t M;
+  if (auto e = RowsOfX("TinyvlmGemvF32T", x, K, &M); e.failure()) return e;
   if (N % kTileRows != 0 || K % 8 != 0)
     return Invalid("TinyvlmGemvF32T", "N and K must be multiples of 8, got N=" + std::to_string(N) +
                                           " K=" + std::to_string(K));
-  const int64_t M = K ? x.element_count() / K : 0;
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
   if (K == 0) {
