@@ -148,8 +148,12 @@ def test_kv_cache_prefill_and_decode_match_full_forward(tied, kernels, monkeypat
   assert not np.asarray(cache[0]["k"][:, total:]).any()  # slots past the last token stay empty
 
 
-@pytest.mark.parametrize("b,kv,g,hd,slots", [(1, 2, 7, 64, 1088), (3, 2, 2, 16, 37), (2, 1, 4, 72, 9)])
+@pytest.mark.parametrize("b,kv,g,hd,slots", [(1, 2, 7, 64, 1088), (3, 2, 2, 16, 37), (2, 1, 4, 72, 9),
+                                             (2, 2, 10, 16, 300)])
 def test_decode_attention_kernel_equals_the_xla_formulation(b, kv, g, hd, slots):
+  """The kernel (tasks of 128 slots; up to 8 queries of a KV head per unit, so G = 10 is a unit of 8
+  and one of 2) equals XLA's formulation, including a chunk with no visible slot and a row that sees
+  only its own token."""
   if not cpu_kernels.available():
     pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
   rng = np.random.default_rng(slots)
@@ -158,6 +162,8 @@ def test_decode_attention_kernel_equals_the_xla_formulation(b, kv, g, hd, slots)
   mask = rng.random((b, slots)) < 0.7
   mask[0, -1] = False          # the last slot (outside any block of 8 when slots % 8 != 0) masked
   mask[-1, :] = False          # a row that sees only its own token
+  if slots > 256:
+    mask[0, 128:256] = False   # a whole chunk of slots masked
   kw = dict(scale=hd ** -0.5, dtype=jnp.float32)
   got = jax.jit(functools.partial(qwen2._attend_one_query, **kw))(q, k_new, v_new, k_cache, v_cache, mask)
   want = jax.jit(functools.partial(qwen2._attend_one_query_xla, **kw))(q, k_new, v_new, k_cache, v_cache, mask)
