@@ -229,6 +229,13 @@ void PrepareI4Input(const float* x, int64_t K, int64_t G, const I4Input& in) {
   }
 }
 
+// total[j] (lanes 0-3: 4 partial sums of row 2j, lanes 4-7: of row 2j+1) -> the 8 rows' sums in order
+// (the hadds give [r0, r2, r4, r6 | r1, r3, r5, r7]).
+inline __m256 PairSums(const __m256 total[4]) {
+  const __m256 sum = _mm256_hadd_ps(_mm256_hadd_ps(total[0], total[1]), _mm256_hadd_ps(total[2], total[3]));
+  return _mm256_permutevar8x32_ps(sum, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 // y[r0..r1) for one row of x (prepared); int4 tiles with group size G. A 32-byte load holds rows
 // 2j and 2j+1 of a tile (16 bytes each, one per 128-bit half); its 16-bit lanes give the four
 // nibble vectors by shifts and masks, and acc[j] (int32) gathers 4 partial sums per row. At the
@@ -271,9 +278,7 @@ void RowsI4(const I4Input& in, int64_t K, int64_t G, const uint8_t* p, const uin
         total[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[j], offset)), sv, total[j]);
       }
     }
-    // total[j]: lanes 0-3 row 2j, 4-7 row 2j+1 -> [r0, r2, r4, r6 | r1, r3, r5, r7] -> rows in order.
-    const __m256 sum = _mm256_hadd_ps(_mm256_hadd_ps(total[0], total[1]), _mm256_hadd_ps(total[2], total[3]));
-    _mm256_storeu_ps(y + r, _mm256_permutevar8x32_ps(sum, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    _mm256_storeu_ps(y + r, PairSums(total));
   }
 }
 
@@ -331,10 +336,7 @@ void TileI4(const I4Input* in, const int16_t* const* wide, int64_t K, int64_t G,
     }
     for (int m = 0; m < MB; ++m) total[m][j] = tot[m];
   }
-  for (int m = 0; m < MB; ++m) {
-    const __m256 sum = _mm256_hadd_ps(_mm256_hadd_ps(total[m][0], total[m][1]), _mm256_hadd_ps(total[m][2], total[m][3]));
-    _mm256_storeu_ps(y + m * ldy, _mm256_permutevar8x32_ps(sum, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  }
+  for (int m = 0; m < MB; ++m) _mm256_storeu_ps(y + m * ldy, PairSums(total[m]));
 }
 
 ffi::Error Invalid(const char* kernel, const std::string& what) {

@@ -109,24 +109,28 @@ def call(name: str, shape, *args, **attrs):
                           vmap_method="sequential")(*args, **attrs)
 
 
-@jax.custom_vjp
-def _gemv_f32(x, w):
-  """x [..., K] @ w [K, N] in float32: the `gemv_f32` kernel on CPU, XLA's dot elsewhere."""
-  def cpu(x, w):
-    return call("gemv_f32", x.shape[:-1] + (w.shape[1],), x, w)
-  return jax.lax.platform_dependent(x, w, cpu=cpu, default=jnp.matmul)
+def _kernel_with_xla_gradient(name: str, out_shape, xla):
+  """f(x, w): kernel `name` on CPU (result shape out_shape(x, w)), `xla(x, w)` elsewhere; the gradient
+  is always `xla`'s (the kernels are for inference)."""
+  @jax.custom_vjp
+  def f(x, w):
+    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: call(name, out_shape(x, w), x, w), default=xla)
+
+  def fwd(x, w):
+    return f(x, w), (x, w)
+
+  def bwd(res, g):
+    return jax.vjp(xla, *res)[1](g)
+
+  f.defvjp(fwd, bwd)
+  return f
 
 
-def _gemv_f32_fwd(x, w):
-  return _gemv_f32(x, w), (x, w)
-
-
-def _gemv_f32_bwd(res, g):  # XLA's formulation: the kernel is for inference
-  x, w = res
-  return g @ w.T, jnp.einsum("...k,...n->kn", x, g)
-
-
-_gemv_f32.defvjp(_gemv_f32_fwd, _gemv_f32_bwd)
+# x [..., K] @ w [K, N] in float32: the `gemv_f32` kernel on CPU, XLA's dot elsewhere.
+_gemv_f32 = _kernel_with_xla_gradient("gemv_f32", lambda x, w: x.shape[:-1] + (w.shape[1],), jnp.matmul)
+# x [..., K] @ w [N, K].T in float32: the `gemv_f32_t` kernel on CPU, XLA's dot elsewhere.
+_gemv_f32_t = _kernel_with_xla_gradient("gemv_f32_t", lambda x, w: x.shape[:-1] + (w.shape[0],),
+                                        lambda x, w: jnp.einsum("...k,nk->...n", x, w))
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -145,26 +149,6 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
   return _gemv_f32(lhs, rhs)
-
-
-@jax.custom_vjp
-def _gemv_f32_t(x, w):
-  """x [..., K] @ w [N, K].T in float32: the `gemv_f32_t` kernel on CPU, XLA's dot elsewhere."""
-  def cpu(x, w):
-    return call("gemv_f32_t", x.shape[:-1] + (w.shape[0],), x, w)
-  return jax.lax.platform_dependent(x, w, cpu=cpu, default=lambda x, w: jnp.einsum("...k,nk->...n", x, w))
-
-
-def _gemv_f32_t_fwd(x, w):
-  return _gemv_f32_t(x, w), (x, w)
-
-
-def _gemv_f32_t_bwd(res, g):  # XLA's formulation: the kernel is for inference
-  x, w = res
-  return g @ w, jnp.einsum("...n,...k->nk", g, x)
-
-
-_gemv_f32_t.defvjp(_gemv_f32_t_fwd, _gemv_f32_t_bwd)
 
 
 def tied_logits(x, embedding):
