@@ -109,6 +109,33 @@ def test_cpu_kernels_equal_the_xla_path(mode, rows, monkeypatch):
   np.testing.assert_allclose(xla, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4_g64"])
+@pytest.mark.parametrize("rows", [1, 6, 40])
+def test_one_call_for_several_weights_equals_a_call_each(mode, rows):
+  """quantized_matmuls (q, k and v in one kernel call) gives each weight the bits of its own call; the
+  weights of one call must share K (and the int4 group size)."""
+  if not cpu_kernels.available():
+    pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
+  rng = np.random.default_rng(3)
+  mode_ = q.parse_mode(mode)
+  quant = (lambda w: q.quantize_int8(w)) if mode_.bits == 8 else (lambda w: q.quantize_int4(w, mode_.group_size))
+  # the thread blocks over the 104 rows taken together straddle the borders of the weights
+  weights = [tuple(map(jnp.asarray, quant(rng.normal(size=(n, 128)).astype(np.float32)))) for n in (64, 16, 24)]
+  x = rng.normal(size=(rows, 128)).astype(np.float32)
+  got = jax.jit(q.quantized_matmuls)(x, weights)
+  assert [g.shape for g in got] == [(rows, 64), (rows, 16), (rows, 24)]
+  for g, (qk, scale) in zip(got, weights):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.jit(q.quantized_matmul)(x, qk, scale)))
+  other_k = tuple(map(jnp.asarray, quant(rng.normal(size=(8, 256)).astype(np.float32))))
+  with pytest.raises(ValueError, match="weight 1 .* one kind and K"):
+    q.quantized_matmuls(x, [weights[0], other_k])
+  if mode_.bits == 4:  # same K, another group size: the kernel names the weight
+    other_g = tuple(map(jnp.asarray, q.quantize_int4(rng.normal(size=(8, 128)).astype(np.float32), 32)))
+    call = lambda x, *ops: cpu_kernels.call_results("gemv_i4", [(1, 64), (1, 8)], x, *ops)
+    with pytest.raises(Exception, match="weight 1: every weight of one call must have the same K and scale groups"):
+      jax.block_until_ready(jax.jit(call)(x[:1], *weights[0], *other_g))
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm():
   cfg = model_config("tiny")

@@ -105,7 +105,12 @@ def fits(*arrays, multiple: int) -> bool:
 
 def call(name: str, shape, *args, **attrs):
   """Calls kernel `name` (a key of _TARGETS) on args; one float32 result of `shape`."""
-  return jax.ffi.ffi_call(f"tinyvlm_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
+  return call_results(name, [shape], *args, **attrs)[0]
+
+
+def call_results(name: str, shapes, *args, **attrs) -> list:
+  """Calls kernel `name` on args; a list of float32 results, one of each shape in `shapes`."""
+  return jax.ffi.ffi_call(f"tinyvlm_{name}", [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
                           vmap_method="sequential")(*args, **attrs)
 
 

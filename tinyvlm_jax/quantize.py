@@ -25,7 +25,8 @@ Dense layers hold {"qkernel", "scale"[, "bias"]}; the embedding holds {"qembeddi
 
 Compute: on CPU, a decode step (at most `GEMV_MAX_ROWS` rows) calls the kernels of
 `tinyvlm_jax.cpu_kernels` (built with g++ on first use, cached): they read the packed weights
-once and dequantize in registers (int4: multiply the nibbles by x rounded to int16 per group).
+once and dequantize in registers (int4: multiply the nibbles by x rounded to int16 per group); the
+layers that share an input (q, k and v; gate and up: `quant_dense_group`) run as one kernel call.
 XLA:CPU itself would first convert an int8 dot operand to a float32 array in memory (about 0.3 G
 weights/s here), slower than float32 weights. Longer inputs
 (prefill, the vision tower) dequantize each weight once per call and use XLA's dot. On other
@@ -162,27 +163,46 @@ def dequantize(qkernel, scale, dtype=jnp.float32):
 
 def quantized_matmul(x, qkernel, scale):
   """x [..., K] @ W^T for a quantized W [N, K] -> [..., N] in x's dtype."""
-  int8 = qkernel.dtype == jnp.int8
-  n = qkernel.shape[0] * TILE_ROWS
-  k = qkernel.shape[1] * (8 if int8 else 32)
+  return quantized_matmuls(x, [(qkernel, scale)])[0]
+
+
+def quantized_matmuls(x, weights):
+  """x [..., K] @ W_i^T for quantized W_i [N_i, K] (`weights`: (qkernel, scale) pairs, all int8 or all
+  int4 with one group size) -> a list of [..., N_i] in x's dtype.
+
+  A decode step on CPU reads every W_i in one kernel call (the projections of one input, such as an
+  attention layer's q, k and v): each row's result is the same as from its own call, and the call's
+  fixed costs (the thread pool's start and finish, the memory stream's ramp-up, int4's rounding of
+  x) are paid once.
+  """
+  int8 = weights[0][0].dtype == jnp.int8
+  ns = [w[0].shape[0] * TILE_ROWS for w in weights]
+  k = weights[0][0].shape[1] * (8 if int8 else 32)
+  for i, (qkernel, scale) in enumerate(weights):
+    if (qkernel.dtype == jnp.int8) != int8 or qkernel.shape[1] * (8 if int8 else 32) != k:
+      raise ValueError(f"quantized_matmuls: weight {i} ({qkernel.dtype}, {qkernel.shape}) is not of weight 0's "
+                       f"kind ({weights[0][0].dtype}, K={k}); one call takes weights of one kind and K")
   lead = x.shape[:-1]
   rows = int(np.prod(lead, dtype=np.int64))
+  flat = [a for w in weights for a in w]
+  pairs = lambda ops: zip(ops[0::2], ops[1::2])
 
-  def xla_path(x2, qkernel, scale):
-    return jnp.einsum("mk,nk->mn", x2, dequantize(qkernel, scale, x2.dtype))
+  def xla_path(x2, *ops):
+    return [jnp.einsum("mk,nk->mn", x2, dequantize(q, sc, x2.dtype)) for q, sc in pairs(ops)]
 
-  def cpu_path(x2, qkernel, scale):
+  def cpu_path(x2, *ops):
     if rows <= GEMV_MAX_ROWS:
-      return cpu_kernels.call("gemv_i8" if int8 else "gemv_i4", (rows, n), x2.astype(jnp.float32), qkernel, scale)
-    w = cpu_kernels.call("dequant_i8" if int8 else "dequant_i4", (n, k), qkernel, scale)
-    return jnp.einsum("mk,nk->mn", x2, w.astype(x2.dtype))
+      return cpu_kernels.call_results("gemv_i8" if int8 else "gemv_i4", [(rows, n) for n in ns],
+                                      x2.astype(jnp.float32), *ops)
+    return [jnp.einsum("mk,nk->mn", x2, cpu_kernels.call("dequant_i8" if int8 else "dequant_i4", (n, k), q, sc)
+                       .astype(x2.dtype)) for n, (q, sc) in zip(ns, pairs(ops))]
 
   x2 = x.reshape(rows, k)
   if cpu_kernels.available():
-    y = jax.lax.platform_dependent(x2, qkernel, scale, cpu=cpu_path, default=xla_path)
+    ys = jax.lax.platform_dependent(x2, *flat, cpu=cpu_path, default=xla_path)
   else:
-    y = xla_path(x2, qkernel, scale)
-  return y.astype(x.dtype).reshape(lead + (n,))
+    ys = xla_path(x2, *flat)
+  return [y.astype(x.dtype).reshape(lead + (n,)) for y, n in zip(ys, ns)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,16 +218,21 @@ def quantized_shapes(n: int, k: int, mode: QuantMode) -> dict[str, tuple[tuple[i
   return {"q": ((n // 8, k // 32, 8, 16), jnp.uint8), "scale": ((n, k // mode.group_for(k)), jnp.bfloat16)}
 
 
-def _quantized_dense(module: nn.Module, x, features: int, mode: str, use_bias: bool, dtype):
-  """The body of QuantDense, in `module`'s scope: params qkernel, scale[, bias]."""
-  shapes = quantized_shapes(features, x.shape[-1], parse_mode(mode))
+def _quantized_params(module: nn.Module, features: int, in_features: int, mode: str, use_bias: bool):
+  """Declares a quantized Dense's params in `module`'s scope: (qkernel, scale, bias or None)."""
+  shapes = quantized_shapes(features, in_features, parse_mode(mode))
   (q_shape, q_dtype), (s_shape, s_dtype) = shapes["q"], shapes["scale"]
   qkernel = module.param("qkernel", nn.initializers.zeros_init(), q_shape, q_dtype)
   scale = module.param("scale", nn.initializers.ones_init(), s_shape, s_dtype)
+  bias = module.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32) if use_bias else None
+  return qkernel, scale, bias
+
+
+def _quantized_dense(module: nn.Module, x, features: int, mode: str, use_bias: bool, dtype):
+  """The body of QuantDense, in `module`'s scope: params qkernel, scale[, bias]."""
+  qkernel, scale, bias = _quantized_params(module, features, x.shape[-1], mode, use_bias)
   y = quantized_matmul(x.astype(dtype), qkernel, scale)
-  if use_bias:
-    y = y + module.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32).astype(dtype)
-  return y
+  return y if bias is None else y + bias.astype(dtype)
 
 
 class QuantDense(nn.Module):
@@ -220,6 +245,27 @@ class QuantDense(nn.Module):
   @nn.compact
   def __call__(self, x):  # [..., K] -> [..., N]
     return _quantized_dense(self, x, self.features, self.mode, self.use_bias, self.dtype)
+
+
+class QuantWeights(nn.Module):
+  """A QuantDense's params (qkernel, scale[, bias]) without its product: under the layer's name they
+  are the same params as QuantDense's. `quant_dense_group` applies several of them at once."""
+  features: int
+  in_features: int
+  mode: str
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self):
+    return _quantized_params(self, self.features, self.in_features, self.mode, self.use_bias)
+
+
+def quant_dense_group(x, layers, dtype) -> list:
+  """The QuantDense layers `layers` (QuantWeights) applied to one input x: [layer(x), ...], with one
+  `quantized_matmuls` call for all of them (one kernel call in a decode step on CPU)."""
+  params = [layer() for layer in layers]
+  ys = quantized_matmuls(x.astype(dtype), [(qkernel, scale) for qkernel, scale, _ in params])
+  return [y if bias is None else y + bias.astype(dtype) for y, (_, _, bias) in zip(ys, params)]
 
 
 def patchify(x, patch: tuple[int, int]):

@@ -23,7 +23,7 @@ import numpy as np
 
 from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax.models.config import QwenConfig
-from tinyvlm_jax.quantize import QuantDense, QuantEmbed
+from tinyvlm_jax.quantize import QuantDense, QuantEmbed, QuantWeights, quant_dense_group
 
 # Logit for masked (batch, query, key) entries: finite, so a fully padded row gives a
 # uniform softmax instead of NaN.
@@ -66,6 +66,16 @@ def _dense(config: QwenConfig, features: int, *, use_bias: bool, name: str | Non
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nn.initializers.normal(config.initializer_range),
                   dot_general=cpu_kernels.dense_dot_general, name=name)
+
+
+def _projections(config: QwenConfig, x, outputs, *, use_bias: bool) -> list:
+  """[_dense(config, features, name=name)(x) for features, name in outputs]: the same params and
+  results, but quantized layers run as one `quant_dense_group` (a decode step on CPU reads all their
+  weights in one kernel call: q, k and v, or gate and up)."""
+  if config.quantization == "none":
+    return [_dense(config, features, use_bias=use_bias, name=name)(x) for features, name in outputs]
+  layers = [QuantWeights(features, x.shape[-1], config.quantization, use_bias, name=name) for features, name in outputs]
+  return quant_dense_group(x, layers, jnp.dtype(config.dtype))
 
 
 def _rms_norm(config: QwenConfig, name: str) -> nn.RMSNorm:
@@ -176,9 +186,8 @@ class Qwen2Attention(nn.Module):
     heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     groups = heads // kv_heads
 
-    q = _dense(c, heads * head_dim, use_bias=True, name="q_proj")(x)
-    k = _dense(c, kv_heads * head_dim, use_bias=True, name="k_proj")(x)
-    v = _dense(c, kv_heads * head_dim, use_bias=True, name="v_proj")(x)
+    q, k, v = _projections(c, x, [(heads * head_dim, "q_proj"), (kv_heads * head_dim, "k_proj"),
+                                  (kv_heads * head_dim, "v_proj")], use_bias=True)
     q = apply_rope(q.reshape(batch, length, heads, head_dim), positions, c.rope_theta)
     k = apply_rope(k.reshape(batch, length, kv_heads, head_dim), positions, c.rope_theta)
     v = v.reshape(batch, length, kv_heads, head_dim)
@@ -215,8 +224,8 @@ class Qwen2MLP(nn.Module):
     c = self.config
     if c.hidden_act != "silu":
       raise ValueError(f"QwenConfig.hidden_act={c.hidden_act!r}: only 'silu' is implemented")
-    gate = _dense(c, c.intermediate_size, use_bias=False, name="gate_proj")(x)
-    up = _dense(c, c.intermediate_size, use_bias=False, name="up_proj")(x)
+    gate, up = _projections(c, x, [(c.intermediate_size, "gate_proj"), (c.intermediate_size, "up_proj")],
+                            use_bias=False)
     return _dense(c, c.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate) * up)
 
 
