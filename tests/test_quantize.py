@@ -127,10 +127,12 @@ def test_one_call_for_several_weights_equals_a_call_each(mode, rows):
   for g, (qk, scale) in zip(got, weights):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.jit(q.quantized_matmul)(x, qk, scale)))
   other_k = tuple(map(jnp.asarray, quant(rng.normal(size=(8, 256)).astype(np.float32))))
-  with pytest.raises(ValueError, match="weight 1 .* one kind and K"):
+  with pytest.raises(ValueError, match="weight 1 .* one kind, K and group size"):
     q.quantized_matmuls(x, [weights[0], other_k])
-  if mode_.bits == 4:  # same K, another group size: the kernel names the weight
+  if mode_.bits == 4:  # same K, another group size: refused, and the kernel itself names the weight
     other_g = tuple(map(jnp.asarray, q.quantize_int4(rng.normal(size=(8, 128)).astype(np.float32), 32)))
+    with pytest.raises(ValueError, match="weight 1 .* one kind, K and group size"):
+      q.quantized_matmuls(x, [weights[0], other_g])
     call = lambda x, *ops: cpu_kernels.call_results("gemv_i4", [(1, 64), (1, 8)], x, *ops)
     with pytest.raises(Exception, match="weight 1: every weight of one call must have the same K and scale groups"):
       jax.block_until_ready(jax.jit(call)(x[:1], *weights[0], *other_g))

@@ -398,9 +398,8 @@ ffi::Error Weights(const char* kernel, int64_t cols, const ffi::RemainingArgs& a
     auto sd = scale->dimensions();
     if (sd.size() != (ST == ffi::DataType::BF16 ? 2u : 1u))
       return Invalid(kernel, which + (ST == ffi::DataType::BF16 ? "scale must be [N, K/G]" : "scale must be [N]"));
+    if (sd[0] != N) return Invalid(kernel, which + "scale must have N = " + std::to_string(N) + " rows");
     const int64_t groups = sd.size() == 2 ? sd[1] : 1;
-    if (scale->element_count() != N * groups)
-      return Invalid(kernel, which + "scale must have N = " + std::to_string(N) + " rows");
     if (!out->empty() && (K != out->front().K || groups != out->front().groups))
       return Invalid(kernel, which + "every weight of one call must have the same K and scale groups as weight 0");
     out->push_back({q->untyped_data(), scale->untyped_data(), (*y)->typed_data(), N, K, groups, (*y)->element_count()});

@@ -179,9 +179,11 @@ def quantized_matmuls(x, weights):
   ns = [w[0].shape[0] * TILE_ROWS for w in weights]
   k = weights[0][0].shape[1] * (8 if int8 else 32)
   for i, (qkernel, scale) in enumerate(weights):
-    if (qkernel.dtype == jnp.int8) != int8 or qkernel.shape[1] * (8 if int8 else 32) != k:
-      raise ValueError(f"quantized_matmuls: weight {i} ({qkernel.dtype}, {qkernel.shape}) is not of weight 0's "
-                       f"kind ({weights[0][0].dtype}, K={k}); one call takes weights of one kind and K")
+    if ((qkernel.dtype == jnp.int8) != int8 or qkernel.shape[1] * (8 if int8 else 32) != k
+        or scale.shape[1:] != weights[0][1].shape[1:]):
+      raise ValueError(f"quantized_matmuls: weight {i} ({qkernel.dtype} {qkernel.shape}, scale {scale.shape}) is not "
+                       f"of weight 0's kind ({weights[0][0].dtype}, K={k}, scale {weights[0][1].shape}); one call "
+                       "takes weights of one kind, K and group size")
   lead = x.shape[:-1]
   rows = int(np.prod(lead, dtype=np.int64))
   flat = [a for w in weights for a in w]
