@@ -41,17 +41,19 @@ flops.py's table (H100 SXM: 989 TFLOP/s dense bf16); device memory is from memor
   python benchmarks/bench_train.py --batch 16 --seq-len 1024 --remat none,dots,full --dtype bfloat16
   python benchmarks/bench_train.py --batch 64 --seq-len 1024 --remat full --mesh data=1,fsdp=-1  # 8 GPUs
 
-Measured here (2026-11-25, 2-core AMD EPYC VM, 24 GB, shared: load average 5.4-6.1 during the run;
+Measured here (2026-11-27, 2-core AMD EPYC VM, 24 GB, nothing else running: load average 1.1-2.0;
 fp32, batch 1, seq 848 = 720 visual + 128 text tokens, 2 timed steps):
 
-  remat none: compile 61 s, step 169 s, 5.0 tokens/s, 0.0059 samples/s, 4.38 TFLOP/step,
-              26 GFLOP/s = 42% of the matmul peak measured under the same load (61.6 GFLOP/s);
-              peak RSS 21.6 GB (XLA temp 11.4 GB beside the 7.0 GB fp32 params + AdamW state)
-  remat full: compile 68 s, step 166 s, 5.1 tokens/s, 43%, peak RSS 21.3 GB (temp 11.0 GB)
+  remat none: compile 35 s, step 57.7 s, 14.7 tokens/s, 0.017 samples/s, 4.38 TFLOP/step,
+              76 GFLOP/s = 81% of the measured float32 matmul rate (94.0 GFLOP/s);
+              peak RSS 19.3 GB (XLA temp 9.0 GB beside the 7.0 GB fp32 params + AdamW state)
+  remat full: compile 49 s, step 64.8 s, 13.1 tokens/s, 72%, peak RSS 18.9 GB (temp 8.6 GB)
+
+(On 2026-11-25, under a load average of 5.4-6.1 from other work, the same steps took 166-169 s.)
 
 The temp buffer is mostly parameter-sized (gradients and the clipped / AdamW intermediates, about
-4.5 copies of the 2.3 GB of fp32 params), so remat saves little at batch 1; seq 1024 needs about
-23 GB of RSS. The paper's anchor at this shape is 13.6% MFU on an A100.
+4 copies of the 2.3 GB of fp32 params), so remat saves little at batch 1. The paper's anchor at this
+shape is 13.6% MFU on an A100.
 """
 
 from __future__ import annotations
