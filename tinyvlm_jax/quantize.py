@@ -230,11 +230,16 @@ def _quantized_params(module: nn.Module, features: int, in_features: int, mode: 
   return qkernel, scale, bias
 
 
+def _apply_quantized(x, params, dtype) -> list:
+  """x through the quantized Dense layers whose params are `params` ((qkernel, scale, bias or None)
+  each), with one `quantized_matmuls` call: [x @ W_i^T (+ bias_i)] in `dtype`."""
+  ys = quantized_matmuls(x.astype(dtype), [(qkernel, scale) for qkernel, scale, _ in params])
+  return [y if bias is None else y + bias.astype(dtype) for y, (_, _, bias) in zip(ys, params)]
+
+
 def _quantized_dense(module: nn.Module, x, features: int, mode: str, use_bias: bool, dtype):
   """The body of QuantDense, in `module`'s scope: params qkernel, scale[, bias]."""
-  qkernel, scale, bias = _quantized_params(module, features, x.shape[-1], mode, use_bias)
-  y = quantized_matmul(x.astype(dtype), qkernel, scale)
-  return y if bias is None else y + bias.astype(dtype)
+  return _apply_quantized(x, [_quantized_params(module, features, x.shape[-1], mode, use_bias)], dtype)[0]
 
 
 class QuantDense(nn.Module):
@@ -265,9 +270,7 @@ class QuantWeights(nn.Module):
 def quant_dense_group(x, layers, dtype) -> list:
   """The QuantDense layers `layers` (QuantWeights) applied to one input x: [layer(x), ...], with one
   `quantized_matmuls` call for all of them (one kernel call in a decode step on CPU)."""
-  params = [layer() for layer in layers]
-  ys = quantized_matmuls(x.astype(dtype), [(qkernel, scale) for qkernel, scale, _ in params])
-  return [y if bias is None else y + bias.astype(dtype) for y, (_, _, bias) in zip(ys, params)]
+  return _apply_quantized(x, [layer() for layer in layers], dtype)
 
 
 def patchify(x, patch: tuple[int, int]):
