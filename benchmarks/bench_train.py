@@ -22,8 +22,8 @@ timed steps (each waited on); the median is reported:
   step_s         median step time; tokens_per_s = batch x seq_len / step_s; samples_per_s
   model_tflops   train/flops.py step_flops of the step (6N + attention + LM head; remat recompute
                  not counted), mfu = model FLOPs / (step_s x devices x peak FLOP/s per device);
-                 the peak is flops.py's table for accelerators, a measured float32 512x512 matmul
-                 rate on CPU, or --peak-flops
+                 the peak is flops.py's table for accelerators, on CPU the best measured rate of
+                 float32 n x n matmuls (n = 512, 1024, 2048), or --peak-flops
   memory         CPU: peak RSS over the process's life (resource.getrusage, includes building the
                  state) and during the timed steps (the kernel's high-water mark, cpu_runtime.PeakRss);
                  GPU/TPU: device.memory_stats() peak_bytes_in_use; everywhere: XLA's temp bytes of the
@@ -41,15 +41,21 @@ flops.py's table (H100 SXM: 989 TFLOP/s dense bf16); device memory is from memor
   python benchmarks/bench_train.py --batch 16 --seq-len 1024 --remat none,dots,full --dtype bfloat16
   python benchmarks/bench_train.py --batch 64 --seq-len 1024 --remat full --mesh data=1,fsdp=-1  # 8 GPUs
 
-Measured here (2026-11-27, 2-core AMD EPYC VM, 24 GB, nothing else running: load average 1.1-2.0;
-fp32, batch 1, seq 848 = 720 visual + 128 text tokens, 2 timed steps):
+Measured here (fp32, batch 1, seq 848 = 720 visual + 128 text tokens, 2 timed steps, nothing else
+running), on the two kinds of 2-core AMD EPYC VM (24 GB) this project has run on:
 
-  remat none: compile 35 s, step 57.7 s, 14.7 tokens/s, 0.017 samples/s, 4.38 TFLOP/step,
-              76 GFLOP/s = 81% of the measured float32 matmul rate (94.0 GFLOP/s);
-              peak RSS 19.3 GB (XLA temp 9.0 GB beside the 7.0 GB fp32 params + AdamW state)
-  remat full: compile 49 s, step 64.8 s, 13.1 tokens/s, 72%, peak RSS 18.9 GB (temp 8.6 GB)
+  Zen 5 with AVX-512 (2026-11-27 15:36, best float32 matmul 486 GFLOP/s):
+  remat none: compile 12 s, step 16.0 s, 53.1 tokens/s, 0.063 samples/s, 4.38 TFLOP/step,
+              275 GFLOP/s = 57% MFU; peak RSS 19.4 GB (XLA temp 9.0 GB beside the 7.0 GB fp32
+              params + AdamW state)
+  remat full: compile 15 s, step 19.0 s, 44.7 tokens/s, 48% MFU, peak RSS 19.1 GB (temp 8.6 GB)
 
-(On 2026-11-25, under a load average of 5.4-6.1 from other work, the same steps took 166-169 s.)
+  Zen 3 with AVX2 (2026-11-27 14:11, against a 512 matmul's 94.0 GFLOP/s, the peak measured then):
+  remat none: compile 35 s, step 57.7 s, 14.7 tokens/s, 76 GFLOP/s = 81% MFU, peak RSS 19.3 GB
+  remat full: compile 49 s, step 64.8 s, 13.1 tokens/s, 72%, peak RSS 18.9 GB
+
+(On 2026-11-25, on the Zen 3 VM under a load average of 5.4-6.1 from other work, the same steps
+took 166-169 s.)
 
 The temp buffer is mostly parameter-sized (gradients and the clipped / AdamW intermediates, about
 4 copies of the 2.3 GB of fp32 params), so remat saves little at batch 1. The paper's anchor at this
