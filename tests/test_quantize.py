@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,7 @@ import pytest
 
 from tinyvlm_jax import cpu_kernels
 from tinyvlm_jax import quantize as q
-from tinyvlm_jax.generate import LMDecoder, VLMGenerator
+from tinyvlm_jax.generate import LMDecoder, Sampling, VLMGenerator
 from tinyvlm_jax.models.convnext import ConvNextV2
 from tinyvlm_jax.models.qwen2 import Qwen2ForCausalLM
 from tinyvlm_jax.models.tinyvlm import TinyVLM, init_params, param_shapes
@@ -226,6 +227,29 @@ def test_quantized_greedy_decoding_agrees_with_float32():
   got = greedy(q.quantized_config(cfg, "int8"), q.quantize_params(params, cfg, "int8"))
   assert len({tuple(r) for r in ref}) == 3  # three different continuations
   np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_prefill_holds_one_layer_of_dequantized_weights(mode):
+  """On CPU a prefill dequantizes each weight only once its input exists, so its temp buffers hold
+  about one layer's float32 weights. (XLA used to run every dequantization of the program first,
+  as they depend on parameters alone: all of the model's float32 weights alive at once.)"""
+  if not cpu_kernels.available():
+    pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no compiler)")
+  cfg = dataclasses.replace(model_config("tiny").llm, num_hidden_layers=8)
+  model = Qwen2ForCausalLM(cfg)
+  ids0 = jnp.zeros((1, 4), jnp.int32)
+  params = model.init(jax.random.key(1), ids0, positions=ids0, attention_mask=jnp.ones_like(ids0))["params"]
+  qparams = q.quantize_params(params, cfg, mode)
+  layer_bytes = [4 * math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)
+                 if "layers_" in jax.tree_util.keystr(path) and x.ndim == 2]
+  dec = LMDecoder(q.quantized_config(cfg, mode), stop_ids=(), pad_id=PAD)
+  length = 48
+  embeds = jax.ShapeDtypeStruct((1, length, cfg.hidden_size), jnp.float32)
+  mask = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  compiled = dec._prefill.lower(qparams, embeds, mask, jax.random.key(0), max_new=4, sampling=Sampling()).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < sum(layer_bytes) / 3, (temp, sum(layer_bytes))
 
 
 def test_vlm_generator_with_int8_model_matches_float32(tiny_vlm):

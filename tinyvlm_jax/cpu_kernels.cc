@@ -39,8 +39,8 @@
 //         scale bf16 [N, K/G]         W[n, k] = scale[n, k / G] * (nibble - 8)
 //
 // Handlers: TinyvlmGemv{I8,I4}(x [M, K] f32, (weights, scale) pairs...) -> one y [M, N_i] f32 per
-// pair, for few rows of x (decode); TinyvlmDequant{I8,I4}(weights, scale) -> W [N, K] f32 (prefill
-// then uses XLA's dot). A GEMV call takes every weight that multiplies one x (an attention layer's q,
+// pair, for few rows of x (decode); TinyvlmDequant{I8,I4}(x, weights, scale) -> W [N, K] f32 (prefill
+// then uses XLA's dot; x only orders the call: see DequantI8). A GEMV call takes every weight that multiplies one x (an attention layer's q,
 // k and v; an MLP's gate and up) and splits their rows together over the pool: the small k and v
 // (115 KB each in int8) alone took 20 us a call, 5.6 GB/s, as the pool started, the memory stream
 // ramped up and both finished. Whole decodes of the full-size LLM (64 steps after an 832-token
@@ -687,7 +687,12 @@ ffi::Error GemvF32T(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error DequantI8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+// The dequantizing kernels' first operand (`after`, any buffer, not read) is the input that the
+// weights will multiply: it orders the call after that input is computed. Without it, XLA ran all
+// of a program's dequantizations first (they depend on parameters alone), so every float32 weight
+// was alive at once: a full-size int4 prefill held 1.44 GB of temp buffers (float32: 0.05 GB), the
+// image encoder 0.53 GB, and faulted those pages in afresh at every call.
+ffi::Error DequantI8(ffi::ThreadPool pool, ffi::AnyBuffer after, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
                      ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions();
   int64_t N = qd[0] * 8, K = qd[1] * 8;
@@ -705,7 +710,7 @@ ffi::Error DequantI8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error DequantI4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::BF16> scale,
+ffi::Error DequantI4(ffi::ThreadPool pool, ffi::AnyBuffer after, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::BF16> scale,
                      ffi::ResultBuffer<ffi::F32> out) {
   auto pd = p.dimensions();
   int64_t N = pd[0] * 8, K = pd[1] * 32, groups = scale.dimensions()[1], G = K / groups;
@@ -1228,6 +1233,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmGemvF32T, GemvF32T,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI8, DequantI8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
@@ -1235,6 +1241,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI8, DequantI8,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI4, DequantI4,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -196,7 +196,8 @@ def quantized_matmuls(x, weights):
     if rows <= GEMV_MAX_ROWS:
       return cpu_kernels.call_results("gemv_i8" if int8 else "gemv_i4", [(rows, n) for n in ns],
                                       x2.astype(jnp.float32), *ops)
-    return [jnp.einsum("mk,nk->mn", x2, cpu_kernels.call("dequant_i8" if int8 else "dequant_i4", (n, k), q, sc)
+    # x2 goes in first so that each weight is dequantized only once its input exists (see DequantI8).
+    return [jnp.einsum("mk,nk->mn", x2, cpu_kernels.call("dequant_i8" if int8 else "dequant_i4", (n, k), x2, q, sc)
                        .astype(x2.dtype)) for n, (q, sc) in zip(ns, pairs(ops))]
 
   x2 = x.reshape(rows, k)
