@@ -2,11 +2,13 @@
 
   python launch/generate.py --checkpoint DIR --image PATH --prompt TEXT
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1.0] [--seed 0] [--backend jax|torch]
-      [--quantize none|int8|int4]
+      [--quantize none|int8|int4] [--matmul-dtype float32|bfloat16]
 
 --checkpoint: for the jax backend a model folder (launch/train.py's workdir or a folder inside it,
 convert/hf_to_jax.py's output); for the torch backend an export of convert/jax_to_torch.py (no JAX
-needed). --quantize: weight-only int8/int4 LLM, vision tower, CNN and heads (jax backend). Time to first token
+needed). --quantize: weight-only int8/int4 LLM, vision tower, CNN and heads (jax backend). --matmul-dtype
+bfloat16: the vision tower's and the prompt's matmuls take bfloat16 operands, summed in float32 (jax
+backend; about 1.5x faster to the first token on CPUs with AVX512-BF16). Time to first token
 and decode speed go to stderr. CPU setting: glibc keeps freed memory mapped
 (`tinyvlm_jax.cpu_runtime.keep_freed_memory`), so each call does not page-fault its buffers again.
 """
@@ -35,6 +37,9 @@ def parse_args(argv=None):
   p.add_argument("--quantize", default="none", metavar="MODE",
                  help="weight-only quantization of the LLM, vision tower, CNN and heads: none (default), int8, int4 "
                       "(group 128), int4_g64, int4_g32; jax backend")
+  p.add_argument("--matmul-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="operands of the vision tower's and the prompt's matmuls (sums stay float32; decode steps "
+                      "stay float32): float32 (default) or bfloat16, faster on CPUs with AVX512-BF16; jax backend")
   return p.parse_args(argv)
 
 
@@ -74,7 +79,7 @@ def run_jax(args) -> tuple[float, int, float]:
   from tinyvlm_jax.generate import Sampling, VLMGenerator
   from tinyvlm_jax.serving import find_model_dir, load_for_inference, load_model_tokenizer
   model_dir = find_model_dir(args.checkpoint)
-  config, params = load_for_inference(model_dir, args.quantize)
+  config, params = load_for_inference(model_dir, args.quantize, args.matmul_dtype)
   tokenizer = load_model_tokenizer(model_dir)
   ids, pixels, cnn = _inputs(args, config, tokenizer)
   gen = VLMGenerator(config, params, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
@@ -124,8 +129,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   from tinyvlm_jax.cpu_runtime import keep_freed_memory
   from tinyvlm_jax.data.images import ImageError
-  if args.backend == "torch" and args.quantize != "none":
-    print("error: --quantize applies to the jax backend only", file=sys.stderr)
+  if args.backend == "torch" and (args.quantize != "none" or args.matmul_dtype != "float32"):
+    print("error: --quantize and --matmul-dtype apply to the jax backend only", file=sys.stderr)
     return 2
   keep_freed_memory()
   try:

@@ -98,14 +98,17 @@ def test_eval_cli_and_generate_cli(model_dir, tmp_path):
   _write("pope", data)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch/eval.py"), "--checkpoint", model_dir,
-                      "--benchmark", "pope", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"],
+                      "--benchmark", "pope", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress",
+                      "--matmul-dtype", "bfloat16"],
                      capture_output=True, text=True, env=env)
   assert r.returncode == 0, r.stderr
-  assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 3
+  results = json.loads(r.stdout.strip().splitlines()[-1])
+  assert results["n"] == 3 and results["matmul_dtype"] == "bfloat16"
   img = tmp_path / "x.png"
   img.write_bytes(_png(5)["bytes"])
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch/generate.py"), "--checkpoint", model_dir,
-                      "--image", str(img), "--prompt", "What is this?", "--max-new-tokens", "5", "--quantize", "int8"],
+                      "--image", str(img), "--prompt", "What is this?", "--max-new-tokens", "5", "--quantize", "int8",
+                      "--matmul-dtype", "bfloat16"],
                      capture_output=True, text=True, env=env)
   assert r.returncode == 0, r.stderr
   assert "TTFT" in r.stderr and "tokens/s" in r.stderr

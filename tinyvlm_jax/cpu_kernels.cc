@@ -40,7 +40,8 @@
 //
 // Handlers: TinyvlmGemv{I8,I4}(x [M, K] f32, (weights, scale) pairs...) -> one y [M, N_i] f32 per
 // pair, for few rows of x (decode); TinyvlmDequant{I8,I4}(x, weights, scale) -> W [N, K] f32 (prefill
-// then uses XLA's dot; x only orders the call: see DequantI8). A GEMV call takes every weight that multiplies one x (an attention layer's q,
+// then uses XLA's dot; x only orders the call: see DequantI8); TinyvlmToBf16(x, w) -> w in bfloat16
+// (a prefill's bfloat16 matmuls, ordered after x likewise). A GEMV call takes every weight that multiplies one x (an attention layer's q,
 // k and v; an MLP's gate and up) and splits their rows together over the pool: the small k and v
 // (115 KB each in int8) alone took 20 us a call, 5.6 GB/s, as the pool started, the memory stream
 // ramped up and both finished. Whole decodes of the full-size LLM (64 steps after an 832-token
@@ -734,6 +735,27 @@ ffi::Error DequantI4(ffi::ThreadPool pool, ffi::AnyBuffer after, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// x (float32) -> bfloat16, rounded to the nearest even as XLA's convert rounds (a NaN stays a NaN).
+// `after` (any buffer, not read) orders the call after that operand exists, as for DequantI8: a
+// prefill with bfloat16 matmuls converts each float32 weight once its input exists, where XLA's own
+// converts, which depend on parameters alone, all ran first (0.74 GB of bfloat16 weights alive at
+// once in a full-size prefill).
+ffi::Error ToBf16(ffi::ThreadPool pool, ffi::AnyBuffer after, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::BF16> out) {
+  const int64_t n = x.element_count();
+  const uint32_t* in = reinterpret_cast<const uint32_t*>(x.typed_data());
+  uint16_t* o = reinterpret_cast<uint16_t*>(out->typed_data());
+  constexpr int64_t kChunk = 1 << 16;
+  ParallelFor(pool, (n + kChunk - 1) / kChunk, [&](int64_t c) {
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < end; ++i) {
+      const uint32_t v = in[i];
+      o[i] = (v & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>((v >> 16) | 0x40u)
+                                             : static_cast<uint16_t>((v + 0x7FFFu + ((v >> 16) & 1u)) >> 16);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------------------
 // One-query attention of a decode step (grouped-query attention over a KV cache).
 
@@ -1245,6 +1267,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDequantI4, DequantI4,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmToBf16, ToBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TinyvlmDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()

@@ -166,9 +166,11 @@ def quantized_matmul(x, qkernel, scale):
   return quantized_matmuls(x, [(qkernel, scale)])[0]
 
 
-def quantized_matmuls(x, weights):
+def quantized_matmuls(x, weights, matmul_dtype: str = "float32"):
   """x [..., K] @ W_i^T for quantized W_i [N_i, K] (`weights`: (qkernel, scale) pairs, all int8 or all
-  int4 with one group size) -> a list of [..., N_i] in x's dtype.
+  int4 with one group size) -> a list of [..., N_i] in x's dtype. With matmul_dtype "bfloat16", a
+  product of more than GEMV_MAX_ROWS rows takes x and the dequantized W_i in bfloat16 and sums in
+  float32 (as `cpu_kernels.matmul_dot_general` does for float32 weights).
 
   A decode step on CPU reads every W_i in one kernel call (the projections of one input, such as an
   attention layer's q, k and v): each row's result is the same as from its own call, and the call's
@@ -189,16 +191,22 @@ def quantized_matmuls(x, weights):
   flat = [a for w in weights for a in w]
   pairs = lambda ops: zip(ops[0::2], ops[1::2])
 
+  def product(x2, w):  # x2 [M, K] @ w [N, K]^T for a dequantized w, in x2's dtype
+    if cpu_kernels.rounds_to_bfloat16(matmul_dtype, rows, x2, w):
+      return jnp.einsum("mk,nk->mn", x2.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("mk,nk->mn", x2, w.astype(x2.dtype))
+
   def xla_path(x2, *ops):
-    return [jnp.einsum("mk,nk->mn", x2, dequantize(q, sc, x2.dtype)) for q, sc in pairs(ops)]
+    return [product(x2, dequantize(q, sc, x2.dtype)) for q, sc in pairs(ops)]
 
   def cpu_path(x2, *ops):
     if rows <= GEMV_MAX_ROWS:
       return cpu_kernels.call_results("gemv_i8" if int8 else "gemv_i4", [(rows, n) for n in ns],
                                       x2.astype(jnp.float32), *ops)
     # x2 goes in first so that each weight is dequantized only once its input exists (see DequantI8).
-    return [jnp.einsum("mk,nk->mn", x2, cpu_kernels.call("dequant_i8" if int8 else "dequant_i4", (n, k), x2, q, sc)
-                       .astype(x2.dtype)) for n, (q, sc) in zip(ns, pairs(ops))]
+    return [product(x2, cpu_kernels.call("dequant_i8" if int8 else "dequant_i4", (n, k), x2, q, sc))
+            for n, (q, sc) in zip(ns, pairs(ops))]
 
   x2 = x.reshape(rows, k)
   if cpu_kernels.available():
@@ -231,16 +239,18 @@ def _quantized_params(module: nn.Module, features: int, in_features: int, mode: 
   return qkernel, scale, bias
 
 
-def _apply_quantized(x, params, dtype) -> list:
+def _apply_quantized(x, params, dtype, matmul_dtype: str = "float32") -> list:
   """x through the quantized Dense layers whose params are `params` ((qkernel, scale, bias or None)
   each), with one `quantized_matmuls` call: [x @ W_i^T (+ bias_i)] in `dtype`."""
-  ys = quantized_matmuls(x.astype(dtype), [(qkernel, scale) for qkernel, scale, _ in params])
+  ys = quantized_matmuls(x.astype(dtype), [(qkernel, scale) for qkernel, scale, _ in params], matmul_dtype)
   return [y if bias is None else y + bias.astype(dtype) for y, (_, _, bias) in zip(ys, params)]
 
 
-def _quantized_dense(module: nn.Module, x, features: int, mode: str, use_bias: bool, dtype):
+def _quantized_dense(module: nn.Module, x, features: int, mode: str, use_bias: bool, dtype,
+                     matmul_dtype: str = "float32"):
   """The body of QuantDense, in `module`'s scope: params qkernel, scale[, bias]."""
-  return _apply_quantized(x, [_quantized_params(module, features, x.shape[-1], mode, use_bias)], dtype)[0]
+  return _apply_quantized(x, [_quantized_params(module, features, x.shape[-1], mode, use_bias)], dtype,
+                          matmul_dtype)[0]
 
 
 class QuantDense(nn.Module):
@@ -249,10 +259,11 @@ class QuantDense(nn.Module):
   mode: str
   use_bias: bool = True
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"  # see quantized_matmuls
 
   @nn.compact
   def __call__(self, x):  # [..., K] -> [..., N]
-    return _quantized_dense(self, x, self.features, self.mode, self.use_bias, self.dtype)
+    return _quantized_dense(self, x, self.features, self.mode, self.use_bias, self.dtype, self.matmul_dtype)
 
 
 class QuantWeights(nn.Module):
@@ -268,10 +279,10 @@ class QuantWeights(nn.Module):
     return _quantized_params(self, self.features, self.in_features, self.mode, self.use_bias)
 
 
-def quant_dense_group(x, layers, dtype) -> list:
+def quant_dense_group(x, layers, dtype, matmul_dtype: str = "float32") -> list:
   """The QuantDense layers `layers` (QuantWeights) applied to one input x: [layer(x), ...], with one
   `quantized_matmuls` call for all of them (one kernel call in a decode step on CPU)."""
-  return _apply_quantized(x, [layer() for layer in layers], dtype)
+  return _apply_quantized(x, [layer() for layer in layers], dtype, matmul_dtype)
 
 
 def patchify(x, patch: tuple[int, int]):

@@ -44,13 +44,32 @@ def load_model_tokenizer(model_dir: str):
   return load_tokenizer(tok_dir if os.path.isdir(tok_dir) and os.listdir(tok_dir) else None)
 
 
-def load_for_inference(model_dir: str, quantize: str = "none"):
-  """(config, params) of a model folder, weight-quantized (`tinyvlm_jax.quantize`: none, int8, int4)
-  and placed on the default device once (not converted from numpy at every call)."""
+def with_matmul_dtype(config, matmul_dtype: str):
+  """The TinyVLM config with `matmul_dtype` (float32 | bfloat16) for its vision tower and LLM, which
+  do nearly all of a prompt's FLOPs: see `cpu_kernels.matmul_dot_general`. The CNN and the heads
+  stay float32."""
+  import dataclasses
+  from tinyvlm_jax.cpu_kernels import check_matmul_dtype
+  check_matmul_dtype(matmul_dtype)
+  return dataclasses.replace(config, vision=dataclasses.replace(config.vision, matmul_dtype=matmul_dtype),
+                             llm=dataclasses.replace(config.llm, matmul_dtype=matmul_dtype))
+
+
+def load_for_inference(model_dir: str, quantize: str = "none", matmul_dtype: str = "float32"):
+  """(config, params) of a model folder, weight-quantized (`tinyvlm_jax.quantize`: none, int8, int4),
+  with `matmul_dtype` for the prompt's matmuls (`with_matmul_dtype`), and placed on the default
+  device once (not converted from numpy at every call)."""
+  import logging
   import jax
+  from tinyvlm_jax.cpu_kernels import bfloat16_matmuls_are_fast, check_matmul_dtype
   from tinyvlm_jax.model_io import load_model
   from tinyvlm_jax.quantize import parse_mode, quantize_params, quantized_config
-  parse_mode(quantize)  # a bad mode fails before the weights are read
+  parse_mode(quantize)  # a bad mode or dtype fails before the weights are read
+  check_matmul_dtype(matmul_dtype)
+  if matmul_dtype == "bfloat16" and not bfloat16_matmuls_are_fast():
+    logging.getLogger(__name__).warning(
+        "matmul_dtype bfloat16: this CPU has no AVX512-BF16 or AMX-BF16, so XLA converts bfloat16 "
+        "products and they may run slower than float32")
   config, params = load_model(model_dir)
   params = quantize_params(params, config, quantize)
-  return quantized_config(config, quantize), jax.device_put(params)
+  return with_matmul_dtype(quantized_config(config, quantize), matmul_dtype), jax.device_put(params)

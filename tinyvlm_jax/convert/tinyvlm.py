@@ -314,7 +314,7 @@ _BACKBONES = {
 }
 _CONFIG_FIELD = {"siglip": "vision", "qwen": "llm", "convnext": "cnn"}
 # Our config's runtime fields, absent from transformers configs, and the init scale (no bearing on a checkpoint).
-_NOT_ARCHITECTURE = ("dtype", "remat", "initializer_range")
+_NOT_ARCHITECTURE = ("dtype", "remat", "initializer_range", "matmul_dtype")
 
 
 def backbone_config(folder, kind: str, want, preset: str = "preset"):

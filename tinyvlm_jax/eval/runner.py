@@ -112,16 +112,17 @@ def evaluate(generator, config: TinyVLMConfig, tokenizer, items: Sequence[EvalIt
 
 
 def run(checkpoint: str, benchmark: str, data: str, out_dir: str, *, limit: int | None = None,
-        batch_size: int = 8, progress: bool = True, quantize: str = "none") -> dict:
-  """launch/eval.py's job: load a model folder (weight-quantized with `quantize`: none, int8, int4),
-  read the benchmark, evaluate, write results."""
+        batch_size: int = 8, progress: bool = True, quantize: str = "none", matmul_dtype: str = "float32") -> dict:
+  """launch/eval.py's job: load a model folder (weight-quantized with `quantize`: none, int8, int4; the
+  prompts' matmuls with `matmul_dtype` operands), read the benchmark, evaluate, write results."""
   from tinyvlm_jax.generate import VLMGenerator
   from tinyvlm_jax.serving import find_model_dir, load_for_inference, load_model_tokenizer
   model_dir = find_model_dir(checkpoint)
-  config, params = load_for_inference(model_dir, quantize)
+  config, params = load_for_inference(model_dir, quantize, matmul_dtype)
   tokenizer = load_model_tokenizer(model_dir)
   items = read_benchmark(benchmark, data, limit=limit)
   generator = VLMGenerator(config, params, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
   return evaluate(generator, config, tokenizer, items, benchmark=benchmark, out_dir=out_dir,
                   batch_size=batch_size, progress=progress,
-                  extra=dict(checkpoint=model_dir, data=os.path.abspath(data), quantize=quantize))
+                  extra=dict(checkpoint=model_dir, data=os.path.abspath(data), quantize=quantize,
+                             matmul_dtype=matmul_dtype))

@@ -38,6 +38,7 @@ class SiglipConfig:
   hidden_act: str = "gelu_pytorch_tanh"
   dtype: str = "float32"  # compute dtype; parameters stay float32
   quantization: str = "none"  # none | int8 | int4 | int4_g{32,64,128}: weight-only (tinyvlm_jax.quantize)
+  matmul_dtype: str = "float32"  # float32 | bfloat16: the operands of many-row matmuls (cpu_kernels.matmul_dot_general)
 
   @property
   def grid(self) -> int:
@@ -68,6 +69,7 @@ class QwenConfig:
   dtype: str = "float32"
   remat: str = "none"  # none | full | dots: rematerialisation of each decoder layer
   quantization: str = "none"  # none | int8 | int4 | int4_g{32,64,128}: weight-only (tinyvlm_jax.quantize)
+  matmul_dtype: str = "float32"  # float32 | bfloat16: the operands of a prefill's matmuls (cpu_kernels.matmul_dot_general)
 
   @property
   def head_dim(self) -> int:

@@ -59,13 +59,15 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def _dense(config: QwenConfig, features: int, *, use_bias: bool, name: str | None = None) -> nn.Module:
   """nn.Dense (a decode step's float32 product on CPU runs the `gemv_f32` kernel: see
-  `cpu_kernels.dense_dot_general`), or its weight-only quantized twin when `config.quantization` is set."""
+  `cpu_kernels.dense_dot_general`; a prefill's has bfloat16 operands when `config.matmul_dtype` says so),
+  or its weight-only quantized twin when `config.quantization` is set."""
   dtype = jnp.dtype(config.dtype)
   if config.quantization != "none":
-    return QuantDense(features, config.quantization, use_bias=use_bias, dtype=dtype, name=name)
+    return QuantDense(features, config.quantization, use_bias=use_bias, dtype=dtype,
+                      matmul_dtype=config.matmul_dtype, name=name)
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nn.initializers.normal(config.initializer_range),
-                  dot_general=cpu_kernels.dense_dot_general, name=name)
+                  dot_general=cpu_kernels.matmul_dot_general(config.matmul_dtype), name=name)
 
 
 def _projections(config: QwenConfig, x, outputs, *, use_bias: bool) -> list:
@@ -75,7 +77,7 @@ def _projections(config: QwenConfig, x, outputs, *, use_bias: bool) -> list:
   if config.quantization == "none":
     return [_dense(config, features, use_bias=use_bias, name=name)(x) for features, name in outputs]
   layers = [QuantWeights(features, x.shape[-1], config.quantization, use_bias, name=name) for features, name in outputs]
-  return quant_dense_group(x, layers, jnp.dtype(config.dtype))
+  return quant_dense_group(x, layers, jnp.dtype(config.dtype), config.matmul_dtype)
 
 
 def _rms_norm(config: QwenConfig, name: str) -> nn.RMSNorm:

@@ -36,12 +36,14 @@ def activation(name: str):
 
 
 def _dense(cfg: SiglipConfig, features: int, name: str) -> nn.Module:
-  """nn.Dense, or its weight-only quantized twin when `cfg.quantization` is set."""
+  """nn.Dense, or its weight-only quantized twin when `cfg.quantization` is set; with bfloat16
+  operands when `cfg.matmul_dtype` says so (`cpu_kernels.matmul_dot_general`)."""
   dtype = jnp.dtype(cfg.dtype)
   if cfg.quantization != "none":
-    return QuantDense(features, cfg.quantization, dtype=dtype, name=name)
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.xavier_uniform(), name=name)
+    return QuantDense(features, cfg.quantization, dtype=dtype, matmul_dtype=cfg.matmul_dtype, name=name)
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
+                  dot_general=None if cfg.matmul_dtype == "float32" else cpu_kernels.matmul_dot_general(cfg.matmul_dtype),
+                  name=name)
 
 
 def _layer_norm(cfg: SiglipConfig, name: str) -> nn.LayerNorm:
