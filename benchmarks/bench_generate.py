@@ -1,7 +1,7 @@
 """Generation speed on CPU: JAX (float32, int8, int4) against the PyTorch TinyVLM (float32, bfloat16).
 
   python benchmarks/bench_generate.py [--preset tinyvlm_0p6b] [--checkpoint DIR]
-      [--quantize none,int8,int4] [--torch-dtypes float32,bfloat16] [--new-tokens 64]
+      [--quantize none,int8,int4,none+bf16,int8+bf16] [--torch-dtypes float32,bfloat16] [--new-tokens 64]
       [--question-tokens 32] [--repeats 3] [--threads N] [--batch 1]
 
 One image (5 SigLIP views + the CNN view) and a question of exactly --question-tokens tokens in
@@ -28,8 +28,12 @@ torch uses --threads intra-op threads (default: all
 cores); JAX uses XLA's defaults (no XLA_FLAGS). The machine is shared: the load average before
 each run is printed and kept in the JSON.
 
-Quantization accuracy (--agreement, on by default): teacher-forced next-token argmax agreement of
-each quantized variant with float32, and the max / mean |logit difference|, over 8 sequences of 64
+JAX variants (--quantize): a weight mode (none, int8, int4, int4_g64, int4_g32), optionally with
+"+bf16": the vision tower's and the prompt's matmuls take bfloat16 operands with float32 sums
+(`--matmul-dtype bfloat16` of launch/generate.py; decode steps stay float32).
+
+Accuracy (--agreement, on by default): teacher-forced next-token argmax agreement of
+each quantized or bf16-matmul variant with float32, and the max / mean |logit difference|, over 8 sequences of 64
 tokens, (a) on the full-size LLM with the benchmark's random weights (flat logits: the worst
 case) and (b) on a small Qwen2 (4 layers, width 256) trained here for a few hundred steps on a
 synthetic order-2 Markov language, whose predictions are peaked like a trained model's.
@@ -40,6 +44,7 @@ Last line: one JSON object with every run, the JAX/PyTorch ratios and the agreem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,19 +118,34 @@ def median_runs(runs: list[dict]) -> dict:
   return {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
 
 
+def jax_variant(variant: str) -> tuple[str, str]:
+  """'MODE' or 'MODE+bf16' -> (weight mode, matmul dtype)."""
+  from tinyvlm_jax.quantize import parse_mode
+  mode, _, suffix = variant.partition("+")
+  if suffix not in ("", "bf16"):
+    raise SystemExit(f"JAX variant {variant!r}: expected MODE or MODE+bf16 (MODE: none, int8, int4, int4_g64, int4_g32)")
+  try:
+    parse_mode(mode)
+  except ValueError as e:
+    raise SystemExit(f"JAX variant {variant!r}: {e}") from None
+  return mode, "bfloat16" if suffix else "float32"
+
+
 def child_jax(args, inputs) -> dict:
   import jax
   from tinyvlm_jax.generate import VLMGenerator
   from tinyvlm_jax.quantize import quantize_params, quantized_config, weight_bytes
+  from tinyvlm_jax.serving import with_matmul_dtype
   if args.checkpoint:
     from tinyvlm_jax.model_io import load_model
     config, params = load_model(args.checkpoint)
   else:
     from tinyvlm_jax.convert.tinyvlm import load_export
     config, params = load_export(args.export)
+  mode, matmul_dtype = jax_variant(args.variant)
   start = time.perf_counter()
-  params = quantize_params(params, config, args.variant)
-  config = quantized_config(config, args.variant)
+  params = quantize_params(params, config, mode)
+  config = with_matmul_dtype(quantized_config(config, mode), matmul_dtype)
   quantize_s = time.perf_counter() - start
   params = jax.device_put(params)
   towers = {name: weight_bytes(tree) for name, tree in params.items()}
@@ -251,8 +271,8 @@ def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
 AGREEMENT_SEQUENCES, AGREEMENT_TOKENS = 8, 64
 
 
-def logit_agreement(cfg, params, tokens: np.ndarray, modes) -> dict:
-  """Teacher-forced logits of the float32 LLM and of each quantized variant on the same tokens."""
+def logit_agreement(cfg, params, tokens: np.ndarray, variants) -> dict:
+  """Teacher-forced logits of the float32 LLM and of each JAX variant (jax_variant) on the same tokens."""
   import jax
   import jax.numpy as jnp
   from tinyvlm_jax.models.qwen2 import Qwen2ForCausalLM
@@ -270,10 +290,12 @@ def logit_agreement(cfg, params, tokens: np.ndarray, modes) -> dict:
          "fp32_top1_prob_mean": float(jnp.mean(jnp.max(jax.nn.softmax(ref, -1), -1))),
          "fp32_top1_margin_median": float(jnp.median(top2[..., 0] - top2[..., 1])),
          "fp32_weight_bytes": weight_bytes(params)}
-  for mode in modes:
-    got = logits(quantized_config(cfg, mode), quantize_params(params, cfg, mode))
+  for variant in variants:
+    mode, matmul_dtype = jax_variant(variant)
+    got = logits(dataclasses.replace(quantized_config(cfg, mode), matmul_dtype=matmul_dtype),
+                 quantize_params(params, cfg, mode))
     diff = jnp.abs(got - ref)
-    out[mode] = {"top1_agreement": float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(ref, -1))),
+    out[variant] = {"top1_agreement": float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(ref, -1))),
                  "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
                  "weight_bytes": weight_bytes(quantize_params(params, cfg, mode))}
   return out
@@ -308,7 +330,7 @@ def trained_small_lm(steps: int, seed: int = 0):
   pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   kw = dict(positions=pos, attention_mask=jnp.ones((batch, length), jnp.int32))
   params = model.init(jax.random.key(seed), jnp.zeros((batch, length), jnp.int32), **kw)["params"]
-  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, steps), weight_decay=0.01)
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, min(20, steps // 2), steps), weight_decay=0.01)
   state = opt.init(params)
 
   @jax.jit
@@ -355,7 +377,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="tinyvlm_0p6b")
   p.add_argument("--checkpoint", help="a JAX model folder (default: random weights)")
-  p.add_argument("--quantize", default="none,int8,int4", help="JAX variants, comma-separated (default: all)")
+  p.add_argument("--quantize", default="none,int8,int4,none+bf16,int8+bf16",
+                 help="JAX variants, comma-separated: a weight mode, +bf16 for bfloat16 prompt matmuls "
+                      "(default: none,int8,int4,none+bf16,int8+bf16)")
   p.add_argument("--torch-dtypes", default="float32,bfloat16", help="PyTorch variants ('' for none)")
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--question-tokens", type=int, default=32)
@@ -372,6 +396,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.batch < 1:
     p.error(f"--batch must be at least 1, got {args.batch}")
+  if args.train_steps < 1:
+    p.error(f"--train-steps must be at least 1, got {args.train_steps}")
 
   if args.child:
     inputs = dict(np.load(args.inputs))
@@ -382,6 +408,8 @@ def main(argv=None):
   from tinyvlm_jax.presets import model_config
   from tinyvlm_jax.convert.tinyvlm import save_export
   jax_modes = [v for v in args.quantize.split(",") if v]
+  for v in jax_modes:
+    jax_variant(v)  # a bad variant fails before the weights are built
   variants = [("jax", v) for v in jax_modes] + [("torch", v) for v in args.torch_dtypes.split(",") if v]
   results, agreement = {}, None
   with tempfile.TemporaryDirectory(prefix="bench_generate_") as work:
@@ -408,7 +436,7 @@ def main(argv=None):
       r.update(load_average_before=load_before, bw_gbs=round(bandwidth, 2),
                bw_frac=round(r["decode_tps"] / args.batch * r["llm_bytes"] / 1e9 / bandwidth, 3))
       results[f"{backend}_{variant}"] = r
-      print(f"{backend:5s} {variant:8s}  vision {r['vision_s']:6.2f} s  TTFT {r['ttft_s']:6.2f} s  decode "
+      print(f"{backend:5s} {variant:10s}  vision {r['vision_s']:6.2f} s  TTFT {r['ttft_s']:6.2f} s  decode "
             f"{r['decode_tps']:6.2f} tok/s ({r['bw_frac']:.2f} of {bandwidth:.1f} GB/s)  RSS {r['rss_gb']:5.2f} GB "
             f"(life peak {r['rss_peak_gb']:5.2f})  weights {r['weight_bytes'] / 1e6:7.1f} MB  load {load_before}",
             flush=True)
@@ -417,7 +445,7 @@ def main(argv=None):
       agreement = run_child(args, "agreement", ",".join(modes), export, inputs_path)
       for name, a in agreement.items():
         for m in modes:
-          print(f"agreement {name:18s} {m:8s} top-1 {a[m]['top1_agreement']:.4f}  max |dlogit| "
+          print(f"agreement {name:18s} {m:10s} top-1 {a[m]['top1_agreement']:.4f}  max |dlogit| "
                 f"{a[m]['max_abs_logit_diff']:.4f}  mean |dlogit| {a[m]['mean_abs_logit_diff']:.5f}  "
                 f"(fp32 logit std {a['fp32_logit_std']:.2f}, mean top-1 prob {a['fp32_top1_prob_mean']:.2f})")
   ratios = {}
