@@ -34,6 +34,22 @@ def test_bfloat16_after_rounds_as_xla_converts():
   np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
 
 
+def test_bfloat16_matmul_has_the_converts_gradient():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(24, 32)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+  dn = (((1,), (0,)), ((), ()))
+  dot = cpu_kernels.matmul_dot_general("bfloat16")
+  ref = lambda x, w: jax.lax.dot_general(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dn,
+                                         preferred_element_type=jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, w: dot(x, w, dn))(x, w)), np.asarray(jax.jit(ref)(x, w)))
+  got = jax.jit(jax.grad(loss(lambda x, w: dot(x, w, dn)), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, w)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_matmul_dtype_is_named():
   with pytest.raises(ValueError, match="matmul_dtype must be one of float32, bfloat16, got 'float16'"):
     with_matmul_dtype(model_config("tiny"), "float16")

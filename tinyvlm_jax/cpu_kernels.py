@@ -180,16 +180,32 @@ def bfloat16_matmuls_are_fast() -> bool:
   return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+@jax.custom_vjp
+def _bfloat16_after(after, x):
+  return jax.lax.platform_dependent(
+      after, x, cpu=lambda a, x: call("to_bf16", x.shape, a, x, result_dtype=jnp.bfloat16),
+      default=lambda a, x: x.astype(jnp.bfloat16))
+
+
+def _bfloat16_after_fwd(after, x):
+  return _bfloat16_after(after, x), after
+
+
+def _bfloat16_after_bwd(after, g):  # a convert's gradient; none for the ordering operand
+  return jnp.zeros_like(after), g.astype(jnp.float32)
+
+
+_bfloat16_after.defvjp(_bfloat16_after_fwd, _bfloat16_after_bwd)
+
+
 def bfloat16_after(after, x):
   """x (float32) in bfloat16, converted only once `after` exists: on CPU the `to_bf16` kernel, which
   takes `after` as an unread operand (XLA ran its own converts of a prefill's weights, which depend on
   parameters alone, all at the start: every layer's bfloat16 weights alive at once); elsewhere
-  `x.astype(bfloat16)`. The same bits either way."""
+  `x.astype(bfloat16)`. The same bits either way; differentiable as the convert is."""
   if not available():
     return x.astype(jnp.bfloat16)
-  return jax.lax.platform_dependent(
-      after, x, cpu=lambda a, x: call("to_bf16", x.shape, a, x, result_dtype=jnp.bfloat16),
-      default=lambda a, x: x.astype(jnp.bfloat16))
+  return _bfloat16_after(after, x)
 
 
 @functools.cache
