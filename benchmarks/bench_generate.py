@@ -32,11 +32,11 @@ JAX variants (--quantize): a weight mode (none, int8, int4, int4_g64, int4_g32),
 "+bf16": the vision tower's and the prompt's matmuls take bfloat16 operands with float32 sums
 (`--matmul-dtype bfloat16` of launch/generate.py; decode steps stay float32).
 
-Accuracy (--agreement, on by default): teacher-forced next-token argmax agreement of
-each quantized or bf16-matmul variant with float32, and the max / mean |logit difference|, over 8 sequences of 64
-tokens, (a) on the full-size LLM with the benchmark's random weights (flat logits: the worst
-case) and (b) on a small Qwen2 (4 layers, width 256) trained here for a few hundred steps on a
-synthetic order-2 Markov language, whose predictions are peaked like a trained model's.
+Accuracy (--agreement, on by default): teacher-forced next-token argmax agreement of each quantized
+or bf16-matmul variant with float32, and the max / mean |logit difference|, over 8 sequences of 64
+tokens, (a) on the full-size LLM with the benchmark's random weights (flat logits: the worst case)
+and (b) on a small Qwen2 (4 layers, width 256) trained here for a few hundred steps on a synthetic
+order-2 Markov language, whose predictions are peaked like a trained model's.
 
 Last line: one JSON object with every run, the JAX/PyTorch ratios and the agreement figures.
 """

@@ -41,8 +41,9 @@
 // Handlers: TinyvlmGemv{I8,I4}(x [M, K] f32, (weights, scale) pairs...) -> one y [M, N_i] f32 per
 // pair, for few rows of x (decode); TinyvlmDequant{I8,I4}(x, weights, scale) -> W [N, K] f32 (prefill
 // then uses XLA's dot; x only orders the call: see DequantI8); TinyvlmToBf16(x, w) -> w in bfloat16
-// (a prefill's bfloat16 matmuls, ordered after x likewise). A GEMV call takes every weight that multiplies one x (an attention layer's q,
-// k and v; an MLP's gate and up) and splits their rows together over the pool: the small k and v
+// (a prefill's bfloat16 matmuls, ordered after x likewise). A GEMV call takes every weight that
+// multiplies one x (an attention layer's q, k and v; an MLP's gate and up) and splits their rows
+// together over the pool: the small k and v
 // (115 KB each in int8) alone took 20 us a call, 5.6 GB/s, as the pool started, the memory stream
 // ramped up and both finished. Whole decodes of the full-size LLM (64 steps after an 832-token
 // prefill, grouped calls against one call per weight in turn in one process, the same tokens): int8

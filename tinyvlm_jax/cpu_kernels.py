@@ -165,13 +165,6 @@ def check_matmul_dtype(matmul_dtype: str) -> str:
   return matmul_dtype
 
 
-def rounds_to_bfloat16(matmul_dtype: str, rows: int, *operands) -> bool:
-  """Whether a product of `rows` rows of float32 `operands` runs with bfloat16 operands under `matmul_dtype`
-  (see matmul_dot_general)."""
-  return (check_matmul_dtype(matmul_dtype) == "bfloat16" and rows > GEMV_MAX_ROWS
-          and all(jnp.dtype(a.dtype) == jnp.float32 for a in operands))
-
-
 def bfloat16_matmuls_are_fast() -> bool:
   """Whether bfloat16 products run in hardware here: an accelerator, or a CPU with AVX512-BF16 or
   AMX-BF16 (elsewhere XLA:CPU converts them and they may be slower than float32)."""
@@ -212,11 +205,11 @@ def bfloat16_after(after, x):
 def matmul_dot_general(matmul_dtype: str = "float32"):
   """nn.Dense's `dot_general` for a tower's `matmul_dtype` (an inference option).
 
-  float32: `dense_dot_general`. bfloat16: a product of more than GEMV_MAX_ROWS rows (a prefill, the
-  image encoder) rounds both operands to bfloat16 and sums in float32, with a float32 result; the
-  residual stream, norms, softmax and attention stay float32, and so does a decode step (its float32
-  GEMV kernel streams the weights at the memory's speed, where a bfloat16 product would first convert
-  them). On a 2-core Zen 5 CPU with AVX512-BF16, XLA's bfloat16 dot ran at 872 GFLOP/s against 443
+  float32: `dense_dot_general`. bfloat16: a float32 product of more than GEMV_MAX_ROWS rows (a prefill,
+  the image encoder; also a quantized layer's, on its dequantized weights) rounds both operands to
+  bfloat16 and sums in float32, with a float32 result; the residual stream, norms, softmax and
+  attention stay float32, and so does a decode step (its float32 GEMV kernel streams the weights at
+  the memory's speed, where a bfloat16 product would first convert them). On a 2-core Zen 5 CPU with AVX512-BF16, XLA's bfloat16 dot ran at 872 GFLOP/s against 443
   in float32 (832 x 896 @ 896 x 4864), and the full-size TinyVLM's time to first token went from
   3.17 to 2.06 s."""
   check_matmul_dtype(matmul_dtype)
@@ -226,7 +219,7 @@ def matmul_dot_general(matmul_dtype: str = "float32"):
   def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     (lc, _), _ = dimension_numbers
     rows = math.prod(lhs.shape) // max(1, math.prod(lhs.shape[d] for d in lc))
-    if not rounds_to_bfloat16(matmul_dtype, rows, lhs, rhs):
+    if rows <= GEMV_MAX_ROWS or not all(jnp.dtype(a.dtype) == jnp.float32 for a in (lhs, rhs)):
       return dense_dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
     return jax.lax.dot_general(lhs.astype(jnp.bfloat16), bfloat16_after(lhs, rhs), dimension_numbers,

@@ -191,11 +191,10 @@ def quantized_matmuls(x, weights, matmul_dtype: str = "float32"):
   flat = [a for w in weights for a in w]
   pairs = lambda ops: zip(ops[0::2], ops[1::2])
 
+  dot = cpu_kernels.matmul_dot_general(matmul_dtype)
+
   def product(x2, w):  # x2 [M, K] @ w [N, K]^T for a dequantized w, in x2's dtype
-    if cpu_kernels.rounds_to_bfloat16(matmul_dtype, rows, x2, w):
-      return jnp.einsum("mk,nk->mn", x2.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("mk,nk->mn", x2, w.astype(x2.dtype))
+    return dot(x2, w.astype(x2.dtype), (((1,), (1,)), ((), ())))
 
   def xla_path(x2, *ops):
     return [product(x2, dequantize(q, sc, x2.dtype)) for q, sc in pairs(ops)]
